@@ -1,0 +1,1 @@
+"""Networks that nnU-Net plans can name; installed as ``nnunet_mim.architectures``."""

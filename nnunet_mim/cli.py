@@ -1,0 +1,136 @@
+"""``nnunet_mim`` command line: the few commands nnU-Net itself does not have.
+
+    nnunet_mim ext-path                       print the value for `export nnUNet_extTrainer=...`
+    nnunet_mim add-config small ...           add a small configuration inheriting 3d_fullres
+    nnunet_mim import-unlabeled ...           unlabeled images -> pretraining dataset with a target's plans
+    nnunet_mim check-weights ...              pre-flight check of a checkpoint against a target's network
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def ext_trainer_path() -> str:
+    """Folder to put in ``nnUNet_extTrainer`` (holds only the trainer index module)."""
+    import nnunet_mim
+
+    return os.path.join(os.path.dirname(os.path.abspath(nnunet_mim.__file__)), "ext_trainers")
+
+
+def _ext_path(args) -> None:
+    print(ext_trainer_path())
+
+
+def _add_config(args) -> None:
+    from nnunet_mim.plans import add_small_configuration, describe
+
+    add_small_configuration(args.dataset, args.name, args.parent, args.plans, args.stages, tuple(args.features),
+                            args.patch, args.batch_size)
+    print("Added", describe(args.dataset, args.name, args.plans))
+
+
+def _import_unlabeled(args) -> None:
+    from nnunet_mim.unlabeled import import_unlabeled
+
+    import_unlabeled(args.input, args.target, args.dataset_id, args.name, args.configurations, args.plans,
+                     args.num_processes, args.overwrite)
+
+
+def build_network_for(dataset: str, configuration: str, plans_identifier: str = "nnUNetPlans",
+                      trainer: str = "nnUNetTrainer"):
+    """The segmentation network that ``nnUNetv2_train`` would build for this dataset/configuration/trainer."""
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_mim.plans import dataset_folder, plans_path
+
+    plans_manager = PlansManager(plans_path(dataset, plans_identifier))
+    configuration_manager = plans_manager.get_configuration(configuration)
+    dataset_json = load_json(join(dataset_folder(dataset), "dataset.json"))
+    trainer_class = recursive_find_trainer_class_by_name(trainer)
+    return trainer_class.build_network_architecture(
+        plans_manager, configuration_manager,
+        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, False)
+
+
+def _check_weights(args) -> None:
+    from nnunet_mim.weights import compare_state_dicts, format_report, load_checkpoint, state_dict_of
+
+    network = build_network_for(args.dataset, args.configuration, args.plans, args.trainer)
+    report = compare_state_dicts(state_dict_of(load_checkpoint(args.checkpoint)), network)
+    print(format_report(report, args.checkpoint))
+    ok = report.ok and not report.channel_mismatch
+    print("OK: the checkpoint fits." if ok else "NOT compatible.")
+    sys.exit(0 if ok else 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet_mim", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ext-path", help="print the folder for `export nnUNet_extTrainer=...`")
+    p.set_defaults(func=_ext_path)
+
+    p = sub.add_parser("add-config", help="add a derived configuration to a dataset's plans")
+    kinds = p.add_subparsers(dest="kind", required=True)
+    s = kinds.add_parser("small", help="smaller network and patch (CPU demos, tests), same preprocessed data")
+    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    s.add_argument("-n", "--name", default="3d_small", help="new configuration name (default 3d_small)")
+    s.add_argument("--parent", default="3d_fullres")
+    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    s.add_argument("--stages", type=int, default=4)
+    s.add_argument("--features", type=int, nargs=2, default=(16, 128), metavar=("FIRST", "MAX"))
+    s.add_argument("--patch", type=int, nargs=3, default=None)
+    s.add_argument("--batch-size", type=int, default=None)
+    s.set_defaults(func=_add_config)
+
+    p = sub.add_parser("import-unlabeled", help="unlabeled images -> pretraining dataset with a target's plans")
+    p.add_argument("-i", "--input", required=True, help="folder of images (any format nnU-Net reads)")
+    p.add_argument("-t", "--target", required=True, help="target (finetuning) dataset id or name, planned already")
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help="id of the new pretraining dataset")
+    p.add_argument("-n", "--name", default=None, help="name of the new dataset (default <target>Unlabeled)")
+    p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"])
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("-np", "--num-processes", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 1)))
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_import_unlabeled)
+
+    p = sub.add_parser("check-weights", help="pre-flight check of a pretrained checkpoint against a target")
+    p.add_argument("checkpoint")
+    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("-c", "--configuration", default="3d_fullres")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="trainer that will finetune (builds the net)")
+    p.set_defaults(func=_check_weights)
+
+    for module in _optional_command_modules():
+        module.add_parser(sub)
+    return parser
+
+
+def _optional_command_modules() -> list:
+    import importlib
+
+    modules = []
+    for name in ("nnunet_mim.data.cli", "nnunet_mim.evaluation", "nnunet_mim.demo", "nnunet_mim.benchmark"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+    return modules
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

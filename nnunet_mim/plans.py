@@ -1,0 +1,107 @@
+"""Derived configurations inside nnU-Net plans files.
+
+nnU-Net plans stay the single source of truth. We only *add* configurations that inherit from an
+existing one (``"inherits_from": "3d_fullres"``), so they reuse its preprocessed data (same
+``data_identifier``) and every stock command (train, ``--c``, predict) works with them:
+
+    nnunet_mim add-config small -d 4 -n 3d_small --patch 32 48 48 --stages 4 --features 16 128
+
+Other modules (SwinUNETR, SAC-ViT) register their own derived configurations through
+:func:`add_configuration`.
+"""
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Sequence
+
+import numpy as np
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, save_json
+from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+PER_STAGE_KWARGS = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage",
+                    "bottleneck_channels")
+
+
+def plans_path(dataset: str | int, plans_identifier: str = "nnUNetPlans") -> str:
+    """Path of ``nnUNet_preprocessed/DatasetXXX_Name/<plans_identifier>.json`` (must exist)."""
+    if nnUNet_preprocessed is None or not nnUNet_preprocessed.is_set():
+        raise RuntimeError("nnUNet_preprocessed is not set: export it as for any nnU-Net command.")
+    path = join(str(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset), f"{plans_identifier}.json")
+    if not isfile(path):
+        raise FileNotFoundError(f"{path} does not exist. Run `nnUNetv2_plan_and_preprocess -d {dataset}` first.")
+    return path
+
+
+def add_configuration(dataset: str | int, name: str, overrides: dict, parent: str = "3d_fullres",
+                      plans_identifier: str = "nnUNetPlans", overwrite: bool = True) -> dict:
+    """Write configuration ``name`` = ``parent`` + ``overrides`` into the plans file; return it resolved."""
+    path = plans_path(dataset, plans_identifier)
+    plans = load_json(path)
+    if parent not in plans["configurations"]:
+        raise KeyError(f"Configuration {parent!r} is not in {path}; available: {list(plans['configurations'])}")
+    if name in plans["configurations"] and not overwrite:
+        raise FileExistsError(f"Configuration {name!r} already exists in {path}")
+    plans["configurations"][name] = {"inherits_from": parent, **overrides}
+    PlansManager(plans).get_configuration(name)  # validates the inheritance chain
+    save_json(plans, path, sort_keys=False)
+    return PlansManager(plans).plans["configurations"][name]
+
+
+def features_doubling(n_stages: int, first: int, maximum: int) -> list[int]:
+    """nnU-Net's feature rule: double per stage from ``first``, capped at ``maximum``."""
+    return [min(first * 2 ** i, maximum) for i in range(n_stages)]
+
+
+def round_patch_to_stride(patch_size: Sequence[int], total_stride: Sequence[int]) -> list[int]:
+    """Smallest patch >= ``patch_size`` divisible by the network's total stride on every axis."""
+    return [int(np.ceil(p / s) * s) for p, s in zip(patch_size, total_stride)]
+
+
+def small_configuration(parent_config: dict, n_stages: int = 4, features: tuple[int, int] = (16, 128),
+                        patch_size: Sequence[int] | None = None, batch_size: int | None = None) -> dict:
+    """A smaller network/patch derived from ``parent_config`` (a resolved configuration dict).
+
+    Keeps the parent's architecture class, kernels and strides of the first ``n_stages`` stages, norm and
+    non-linearity; only the depth, widths, patch size and batch size change. The patch is rounded up to
+    the network's total stride.
+    """
+    arch = deepcopy(parent_config["architecture"])
+    kwargs = arch["arch_kwargs"]
+    if n_stages > kwargs["n_stages"]:
+        raise ValueError(f"n_stages={n_stages} exceeds the parent's {kwargs['n_stages']} stages")
+    for key in PER_STAGE_KWARGS:
+        if isinstance(kwargs.get(key), (list, tuple)):
+            kwargs[key] = list(kwargs[key])[:n_stages]
+    kwargs["n_stages"] = n_stages
+    kwargs["features_per_stage"] = features_doubling(n_stages, *features)
+    if isinstance(kwargs.get("n_conv_per_stage_decoder"), (list, tuple)):
+        kwargs["n_conv_per_stage_decoder"] = list(kwargs["n_conv_per_stage_decoder"])[:n_stages - 1]
+    total_stride = np.prod(np.asarray(kwargs["strides"]), axis=0)
+    patch = round_patch_to_stride(patch_size if patch_size is not None else parent_config["patch_size"],
+                                  total_stride)
+    return {"patch_size": patch, "batch_size": int(batch_size or parent_config["batch_size"]), "architecture": arch}
+
+
+def add_small_configuration(dataset: str | int, name: str = "3d_small", parent: str = "3d_fullres",
+                            plans_identifier: str = "nnUNetPlans", n_stages: int = 4,
+                            features: tuple[int, int] = (16, 128), patch_size: Sequence[int] | None = None,
+                            batch_size: int | None = None) -> dict:
+    """Add a small CPU-friendly configuration inheriting ``parent`` (same preprocessed data)."""
+    plans = PlansManager(plans_path(dataset, plans_identifier))
+    parent_config = plans._internal_resolve_configuration_inheritance(parent)
+    overrides = small_configuration(parent_config, n_stages, features, patch_size, batch_size)
+    return add_configuration(dataset, name, overrides, parent, plans_identifier)
+
+
+def describe(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans") -> str:
+    cm = PlansManager(plans_path(dataset, plans_identifier)).get_configuration(configuration)
+    kw = cm.network_arch_init_kwargs
+    return (f"{configuration}: {cm.network_arch_class_name.split('.')[-1]}, patch {cm.patch_size}, batch "
+            f"{cm.batch_size}, stages {kw.get('n_stages')}, features {kw.get('features_per_stage')}, strides "
+            f"{kw.get('strides')}, data {cm.data_identifier}")
+
+
+def dataset_folder(dataset: str | int) -> str:
+    return join(str(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset))

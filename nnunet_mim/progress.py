@@ -1,0 +1,71 @@
+"""nnU-Net's progress.png with one more panel: the curves of each pretraining loss component."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
+
+
+class ComponentLocalLogger(LocalLogger):
+    """nnU-Net's LocalLogger plus ``train_<name>`` / ``val_<name>`` lists for each loss component.
+
+    nnU-Net's own three panels are drawn unchanged (the "pseudo dice" of a pretrainer is a stand-in, see
+    ``trainers/base.py``); a fourth panel shows the components on a log scale.
+    """
+
+    def __init__(self, components: Sequence[str], verbose: bool = False):
+        super().__init__(verbose)
+        self.components = tuple(components)
+        for name in self.component_keys():
+            self.my_fantastic_logging[name] = []
+
+    def component_keys(self) -> list[str]:
+        return [f"{split}_{c}" for split in ("train", "val") for c in self.components]
+
+    def load_checkpoint(self, checkpoint: dict):
+        super().load_checkpoint(checkpoint)
+        for name in self.component_keys():  # checkpoints of older runs may lack a component
+            self.my_fantastic_logging.setdefault(name, [])
+
+    def plot_progress_png(self, output_folder: str):
+        super().plot_progress_png(output_folder)
+        if not self.components:
+            return
+        epoch = min(len(v) for v in self.my_fantastic_logging.values())
+        if epoch == 0:
+            return
+        fig, ax = plt.subplots(1, 1, figsize=(30, 14))
+        colors = plt.cm.tab10(np.linspace(0, 1, 10))
+        for i, c in enumerate(self.components):
+            for split, style in (("train", "-"), ("val", "--")):
+                values = np.asarray(self.my_fantastic_logging[f"{split}_{c}"][:epoch], dtype=float)
+                if np.all(~np.isfinite(values)):
+                    continue
+                ax.plot(range(epoch), np.abs(values), color=colors[i % 10], ls=style, lw=4, label=f"{split} {c}")
+        ax.set_yscale("log")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss component (unweighted, log scale)")
+        ax.legend(loc="upper right", fontsize=18, ncol=2)
+        plt.tight_layout()
+        path = f"{output_folder}/progress.png"
+        _append_below(path, fig)
+        plt.close(fig)
+
+
+def _append_below(png_path: str, fig) -> None:
+    """Append ``fig`` below the image at ``png_path`` (nnU-Net's progress.png), rescaled to its width."""
+    top = plt.imread(png_path)
+    fig.set_size_inches(top.shape[1] / fig.dpi, top.shape[1] / fig.dpi * 14 / 30)
+    fig.canvas.draw()
+    bottom = np.asarray(fig.canvas.buffer_rgba(), dtype=np.float32) / 255.0
+    if top.shape[2] == 3:
+        top = np.concatenate([top, np.ones_like(top[..., :1])], axis=2)
+    width = top.shape[1]
+    bottom = bottom[:, :width] if bottom.shape[1] >= width else np.pad(
+        bottom, ((0, 0), (0, width - bottom.shape[1]), (0, 0)), constant_values=1.0)
+    plt.imsave(png_path, np.concatenate([top, bottom], axis=0))

@@ -1,0 +1,46 @@
+"""nnunet_mim: self-supervised pretraining (HybridMIM, PUMIT, MAE/SimMIM) inside nnU-Net v2.
+
+``trainers/`` and ``architectures/`` live at the top of the repository (the design card's layout) but install
+as ``nnunet_mim.trainers`` and ``nnunet_mim.architectures``; they are never top-level modules.
+"""
+from setuptools import setup
+
+setup(
+    name="nnunet_mim",
+    version="0.1.0",
+    description="Self-supervised pretraining (HybridMIM, PUMIT, MAE/SimMIM) for nnU-Net v2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=[
+        "nnunet_mim",
+        "nnunet_mim.losses",
+        "nnunet_mim.data",
+        "nnunet_mim.trainers",
+        "nnunet_mim.architectures",
+    ],
+    package_dir={
+        "nnunet_mim": "nnunet_mim",
+        "nnunet_mim.trainers": "trainers",
+        "nnunet_mim.architectures": "architectures",
+    },
+    install_requires=[
+        "torch>=2.1",
+        "nnunetv2>=2.8,<2.9",
+        "dynamic-network-architectures>=0.4",
+        "batchgenerators>=0.25",
+        "batchgeneratorsv2>=0.3",
+        "acvl-utils>=0.2",
+        "SimpleITK>=2.2",
+        "numpy>=1.24",
+        "matplotlib>=3.7",
+        # MONAI: SwinUNETR and surface-distance metrics (HD95, ASSD); see documentation/deviations.md
+        "monai>=1.5,<1.7",
+        # timm: EVA-02 blocks (SwiGLU, sub-LN attention) for SAC-ViT
+        "timm>=1.0",
+        "einops>=0.7",
+    ],
+    extras_require={"test": ["pytest>=7"], "data": ["nilearn>=0.10"]},
+    package_data={"nnunet_mim": ["ext_trainers/*.py"]},
+    entry_points={"console_scripts": ["nnunet_mim=nnunet_mim.cli:main"]},
+)

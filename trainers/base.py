@@ -1,0 +1,203 @@
+"""Shared machinery of nnunet_mim's trainers (small nnUNetTrainer subclasses).
+
+- :class:`BudgetFromEnvironment`: the ``nnUNet_mim_*`` environment variables shorten a run (demos, tests)
+  without a trainer variant per budget.
+- :class:`MIMPretrainerBase`: loss-based validation that keeps nnU-Net's Dice bookkeeping intact, AdamW
+  with per-iteration warmup + cosine, per-component loss logging and curves in progress.png,
+  reconstruction previews, a NaN guard that saves a resumable checkpoint, and no final segmentation
+  validation. Subclasses implement :meth:`MIMPretrainerBase.compute_losses`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from functools import partial
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from nnunet_mim.progress import ComponentLocalLogger
+from nnunet_mim.schedules import FunctionalLRSchedule, warmup_cosine
+
+BUDGET_VARIABLES = {
+    "nnUNet_mim_epochs": "num_epochs",
+    "nnUNet_mim_iters": "num_iterations_per_epoch",
+    "nnUNet_mim_val_iters": "num_val_iterations_per_epoch",
+    "nnUNet_mim_save_every": "save_every",
+}
+
+
+class BudgetFromEnvironment:
+    """Override the training length from ``nnUNet_mim_epochs``, ``nnUNet_mim_iters``,
+    ``nnUNet_mim_val_iters`` and ``nnUNet_mim_save_every`` (positive integers), when set.
+
+    Applied at ``initialize()``, after every ``__init__`` of a trainer variant has run.
+    """
+
+    def apply_budget_from_environment(self) -> None:
+        for variable, attribute in BUDGET_VARIABLES.items():
+            value = os.environ.get(variable)
+            if value is None or value == "":
+                continue
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{variable} must be a positive integer, got {value!r}")
+            setattr(self, attribute, int(value))
+            self.print_to_log_file(f"{attribute} = {value} (from {variable})")
+
+
+def mean_across_ranks(value: float) -> float:
+    """Average a python float over DDP ranks (identity without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return float(np.nanmean(values))
+    return value
+
+
+class PerIterationLR:
+    """Step a :class:`FunctionalLRSchedule` before every optimiser step instead of once per epoch."""
+
+    _iteration_in_epoch = 0
+
+    def on_train_epoch_start(self):
+        self._iteration_in_epoch = 0
+        super().on_train_epoch_start()
+
+    def step_lr(self) -> None:
+        self.lr_scheduler.step_iteration(self.current_epoch, self._iteration_in_epoch)
+        self._iteration_in_epoch += 1
+
+
+class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
+    """Base of the self-supervised pretrainers: nnU-Net's data pipeline and checkpoints, our losses.
+
+    ``compute_losses(data, training)`` returns a dict with the weighted total under ``"loss"`` and the
+    unweighted components under the names in :attr:`loss_components`. Validation is loss-based: the
+    "pseudo dice" that nnU-Net logs and uses for ``checkpoint_best.pth`` is ``exp(-val_loss)``, a
+    monotone stand-in, so the best checkpoint is the one with the lowest (EMA) validation loss.
+    """
+
+    loss_components: tuple[str, ...] = ()
+    warmup_iterations: int = 500  # HybridMIM / Swin-UNETR pretraining; capped at 10 % of a short run
+    preview_every: int = 10  # epochs between reconstruction previews
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-4
+        self.weight_decay = 1e-3
+        self.num_epochs = 400  # x 250 iterations = 100k steps (HybridMIM)
+        self.save_every = 10
+        self.enable_deep_supervision = False
+        self.oversample_foreground_percent = 0.0  # pretraining must not depend on labels
+        self.logger.local_logger = ComponentLocalLogger(self.loss_components)
+        self._preview_batch = None
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def initialize(self):
+        self.apply_budget_from_environment()
+        super().initialize()
+
+    def _do_i_compile(self):
+        return False  # the MIM forward returns structured outputs; keep eager (documented)
+
+    def _build_loss(self):
+        return None  # losses are computed in compute_losses
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        total = self.num_epochs * self.num_iterations_per_epoch
+        warmup = min(self.warmup_iterations, max(1, total // 10))
+        schedule = partial(warmup_cosine, total_steps=total, warmup_steps=warmup, peak_lr=self.initial_lr)
+        return optimizer, FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file("Pretraining: no segmentation validation (the network reconstructs images). "
+                               "Finetune with -pretrained_weights to get a segmentation model.")
+
+    # ---- the pretext task -----------------------------------------------------------------------
+    def compute_losses(self, data: torch.Tensor, training: bool) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def save_preview(self, path: str) -> None:
+        """Write a preview PNG from ``self._preview_batch`` (set by :meth:`compute_losses`)."""
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def _autocast(self):
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def train_step(self, batch: dict) -> dict:
+        self.step_lr()
+        data = batch["data"].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            losses = self.compute_losses(data, training=True)
+        self._check_finite(losses)
+        total = losses["loss"]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(total).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
+
+    def validation_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        with self._autocast():
+            losses = self.compute_losses(data, training=False)
+        return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
+
+    def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        """Stop on a non-finite loss *before* the optimiser step, with a checkpoint to resume from."""
+        if torch.isfinite(losses["loss"]).item():
+            return
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        path = join(self.output_folder, "checkpoint_latest.pth")
+        self.current_epoch -= 1  # the epoch is incomplete: --c restarts it (same trick as nnU-Net's on_train_end)
+        self.save_checkpoint(path)
+        self.current_epoch += 1
+        raise FloatingPointError(
+            f"Non-finite pretraining loss at epoch {self.current_epoch}, iteration {self._iteration_in_epoch}: "
+            f"{values}. The weights were not updated; they are saved in {path}. Lower the learning rate "
+            f"(initial_lr={self.initial_lr}) or check the input data for NaNs/extreme values, then resume with "
+            f"`nnUNetv2_train ... --c`.")
+
+    # ---- logging --------------------------------------------------------------------------------
+    def _log_components(self, split: str, outputs: dict) -> None:
+        for name in self.loss_components:
+            value = float(np.mean(outputs[name])) if name in outputs else math.nan
+            self.logger.log(f"{split}_{name}", mean_across_ranks(value), self.current_epoch)
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        self._log_components("train", collate_outputs(train_outputs))
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]):
+        outputs = collate_outputs(val_outputs)
+        loss = mean_across_ranks(float(np.mean(outputs["loss"])))
+        stand_in = math.exp(-loss)
+        self.logger.log("val_losses", loss, self.current_epoch)
+        self.logger.log("mean_fg_dice", stand_in, self.current_epoch)
+        self.logger.log("dice_per_class_or_region", [stand_in], self.current_epoch)
+        self._log_components("val", outputs)
+
+    def on_epoch_end(self):
+        epoch = self.current_epoch
+        parts = ", ".join(f"{c} {self.logger.get_value(f'train_{c}', step=-1):.4g}" for c in self.loss_components)
+        self.print_to_log_file(f"train components: {parts}")
+        self.print_to_log_file("(pretraining: 'pseudo dice' below is exp(-val_loss); best = lowest val loss)")
+        super().on_epoch_end()
+        last = epoch == self.num_epochs - 1
+        if self.local_rank == 0 and self._preview_batch is not None and (epoch % self.preview_every == 0 or last):
+            self.save_preview(join(self.output_folder, "previews", f"epoch_{epoch:04d}.png"))

@@ -1,0 +1,63 @@
+"""Finetuning trainers for pretrained weights.
+
+    nnUNetv2_train D 3d_fullres 0 -tr nnUNetTrainerMIMFinetune -pretrained_weights <pretraining checkpoint>
+
+nnU-Net's own ``nnUNetTrainer`` also accepts our checkpoints (encoder and decoder load, segmentation
+layers start fresh). These variants add what pretrained weights want:
+
+- a linear learning-rate warmup (per iteration, 5 % of the run) before nnU-Net's poly decay, so the
+  fresh segmentation layers do not wreck the pretrained features in the first steps;
+- a safe ``-pretrained_weights``: nnU-Net 2.8's loader uses ``torch.load(weights_only=False)`` without
+  ``map_location`` (a GPU checkpoint fails on a CPU machine, and a pickle can run code). On
+  ``initialize()`` these trainers route nnU-Net's ``-pretrained_weights`` through
+  :func:`nnunet_mim.weights.load_pretrained_weights_safely`: ``weights_only=True`` on the CPU, and a
+  pre-flight report listing every missing key, shape or input-channel mismatch with the fix.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_mim.schedules import FunctionalLRSchedule, warmup_poly
+from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR
+from nnunet_mim.weights import load_pretrained_weights_safely
+
+
+def route_pretrained_weights_through_safe_loader() -> None:
+    """Make ``nnUNetv2_train -pretrained_weights`` use our safe loader for this process.
+
+    nnU-Net's ``run_training.maybe_load_checkpoint`` calls the module-level ``load_pretrained_weights``
+    right after ``trainer.initialize()``; there is no other hook that sees the file name.
+    """
+    import nnunetv2.run.run_training as run_training
+
+    run_training.load_pretrained_weights = load_pretrained_weights_safely
+
+
+class nnUNetTrainerMIMFinetune(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
+    """nnU-Net's recipe (SGD, lr 1e-2, poly) with a 5 % linear warmup and safe pretrained-weight loading."""
+
+    warmup_fraction: float = 0.05
+
+    def initialize(self):
+        self.apply_budget_from_environment()
+        route_pretrained_weights_through_safe_loader()
+        super().initialize()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                                    momentum=0.99, nesterov=True)
+        total = self.num_epochs * self.num_iterations_per_epoch
+        schedule = partial(warmup_poly, total_steps=total, warmup_steps=max(1, int(self.warmup_fraction * total)),
+                           peak_lr=self.initial_lr)
+        return optimizer, FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
+
+    def train_step(self, batch: dict) -> dict:
+        self.step_lr()
+        return super().train_step(batch)
+
+
+class nnUNetTrainerMIMScratch(nnUNetTrainerMIMFinetune):
+    """The same recipe without pretrained weights: the from-scratch baseline, in its own results folder."""

@@ -105,10 +105,15 @@ class HybridMIMModel(nn.Module):
         self.encoder = network.encoder
         self.decoder = network.decoder
         self.decoder.deep_supervision = False
+        for head in list(getattr(self.decoder, "seg_layers", []))[:-1]:
+            head.requires_grad_(False)  # deep-supervision heads are unused here (DDP needs no unused params)
         self.network_class_name = type(network).__name__
         self.mim_heads = HybridMIMHeads(int(network.encoder.output_channels[-1]), projection_dim)
 
         strides = [tuple(int(i) for i in s) for s in network.encoder.strides]
+        if any(i != 1 for i in strides[0]):
+            raise ValueError(f"The first encoder stage must keep full resolution (stride 1), got {strides[0]}: the "
+                             f"reconstruction is read from the decoder's highest-resolution output.")
         self.scales = level_scales(strides)
         self.total_stride = tuple(int(i) for i in np.prod(np.asarray(strides), axis=0))
         self.patch_size = tuple(int(p) for p in patch_size)

@@ -34,9 +34,13 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     remaining 2N - 2 views are negatives; cosine similarity, temperature ``t`` (HybridMIM: 0.5).
 
     ``loss = mean_i -log( exp(s_i,pos / t) / sum_{j != i} exp(s_ij / t) )``.
-    Under DDP the views of all ranks are gathered first; gradients flow through the local views only.
+    Under DDP the views of all ranks are gathered first and every rank evaluates the whole global loss;
+    gradients flow into the local views only, from every row they appear in (as anchor, positive or
+    negative). DDP then *averages* the ranks' gradients, so the gradient is scaled by the world size
+    (the value is not): the result equals single-process training on the global batch.
     Raises ``ValueError`` with fewer than 2 samples, where the loss is identically zero.
     """
+    local = z1.shape[0]
     z1 = gather_with_local_grad(F.normalize(z1, dim=-1))
     z2 = gather_with_local_grad(F.normalize(z2, dim=-1))
     n = z1.shape[0]
@@ -47,4 +51,6 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     sim = z @ z.t() / temperature
     sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
     positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, positives)
+    loss = F.cross_entropy(sim, positives)
+    world = n // local
+    return loss if world == 1 else loss + (world - 1) * (loss - loss.detach())

@@ -118,7 +118,7 @@ def _optional_command_modules() -> list:
     import importlib
 
     modules = []
-    for name in ("nnunet_mim.data.cli", "nnunet_mim.evaluation", "nnunet_mim.demo", "nnunet_mim.benchmark"):
+    for name in ("nnunet_mim.data.builders", "nnunet_mim.evaluation", "nnunet_mim.demo", "nnunet_mim.benchmark"):
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as e:

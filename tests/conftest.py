@@ -34,7 +34,7 @@ class Workspace:
         exe = BIN / cmd[0]
         argv = [str(exe) if exe.exists() else cmd[0], *cmd[1:]]
         env = {**self.env, **{k: str(v) for k, v in extra_env.items()}}
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=self.root)
         if check and proc.returncode != 0:
             pytest.fail(f"{' '.join(cmd)} exited with {proc.returncode}\n--- stdout (tail) ---\n"
                         f"{proc.stdout[-6000:]}\n--- stderr (tail) ---\n{proc.stderr[-6000:]}")
@@ -42,8 +42,8 @@ class Workspace:
 
     def popen(self, *cmd: str, **extra_env) -> subprocess.Popen:
         env = {**self.env, **{k: str(v) for k, v in extra_env.items()}}
-        return subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, text=True, start_new_session=True, cwd=self.root)
 
 
 def make_workspace(root: Path) -> Workspace:

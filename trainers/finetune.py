@@ -42,6 +42,11 @@ class nnUNetTrainerMIMFinetune(BudgetFromEnvironment, PerIterationLR, nnUNetTrai
     warmup_fraction: float = 0.05
 
     def initialize(self):
+        imported = self.dataset_json.get("nnunet_mim_unlabeled_import")
+        if imported:
+            raise ValueError(f"{self.plans_manager.dataset_name} was made by `nnunet_mim import-unlabeled` and has no "
+                             f"labels: pretrain on it (-tr HybridMIMPretrainer), then finetune on the labeled target "
+                             f"{imported.get('plans_from')} with -pretrained_weights.")
         self.apply_budget_from_environment()
         route_pretrained_weights_through_safe_loader()
         super().initialize()

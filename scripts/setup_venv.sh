@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Shared set-up of run_demo.sh and run_tests.sh: a virtual environment with PyTorch and nnunet_mim.
+# Sourced, not run; sets VENV. Idempotent: a second run only re-installs nnunet_mim itself.
+VENV="${NNUNET_MIM_VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# PyTorch first, pinned: torch 2.14.1 + torchvision 0.29.1 (CUDA builds that also run on the CPU). PyPI's CPU-only
+# torch 2.13 does not work here: nnunetv2 pulls in timm -> torchvision, which then crashes beside it.
+"$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
+# A regular (non-editable) install, exactly what users get; then the extras (pytest, nilearn).
+"$VENV/bin/pip" install -q --force-reinstall --no-deps . && "$VENV/bin/pip" install -q ".[test,data]"

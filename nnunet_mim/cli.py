@@ -2,6 +2,8 @@
 
     nnunet_mim ext-path                       print the value for `export nnUNet_extTrainer=...`
     nnunet_mim add-config small ...           add a small configuration inheriting 3d_fullres
+    nnunet_mim add-config swin ...            add a SwinUNETR configuration inheriting 3d_fullres
+    nnunet_mim add-config sac-vit ...         add a SAC-ViT configuration inheriting 3d_fullres
     nnunet_mim import-unlabeled ...           unlabeled images -> pretraining dataset with a target's plans
     nnunet_mim check-weights ...              pre-flight check of a checkpoint against a target's network
 """
@@ -29,6 +31,36 @@ def _add_config(args) -> None:
     add_small_configuration(args.dataset, args.name, args.parent, args.plans, args.stages, tuple(args.features),
                             args.patch, args.batch_size)
     print("Added", describe(args.dataset, args.name, args.plans))
+
+
+def _add_sac_vit_config(args) -> None:
+    from nnunet_mim.architectures.sac_vit import add_sac_vit_configuration
+
+    overrides = {k: v for k, v in (("embed_dim", args.embed_dim), ("depth", args.depth),
+                                   ("num_heads", args.num_heads), ("decoder_channels", args.decoder_channels))
+                 if v is not None}
+    if args.grad_checkpointing:
+        overrides["grad_checkpointing"] = True
+    _, text = add_sac_vit_configuration(args.dataset, args.name, args.parent, args.plans, args.size, args.patch,
+                                        args.batch_size, **overrides)
+    print("Added", text)
+
+
+def _add_swin_config(args) -> None:
+    from nnunet_mim.plans import add_swin_configuration
+
+    try:
+        config = add_swin_configuration(args.dataset, args.name, args.parent, args.plans, args.feature_size,
+                                        args.patch, args.batch_size, args.downsample, args.window_size,
+                                        args.use_checkpoint, args.use_v2)
+    except ValueError as e:
+        raise SystemExit(f"nnunet_mim add-config swin: {e}")
+    if args.patch is not None and list(args.patch) != config["patch_size"]:
+        print(f"Patch {args.patch} rounded to {config['patch_size']} (SwinUNETR needs multiples of 32)")
+    print(f"Added {args.name}: SwinUNETR feature_size {args.feature_size}, downsample {args.downsample}, patch "
+          f"{config['patch_size']}, batch {config['batch_size']}, data of {args.parent}. Train with "
+          f"`nnUNetv2_train {args.dataset} {args.name} FOLD -tr nnUNetTrainerSwinUNETR`, pretrain with "
+          f"`-tr HybridMIMPretrainerSwin` (documentation/swin.md)")
 
 
 def _import_unlabeled(args) -> None:
@@ -89,6 +121,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--patch", type=int, nargs=3, default=None)
     s.add_argument("--batch-size", type=int, default=None)
     s.set_defaults(func=_add_config)
+    s = kinds.add_parser("swin", help="MONAI SwinUNETR on the parent's preprocessed data; patch rounded to "
+                                      "multiples of 32")
+    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    s.add_argument("-n", "--name", default="3d_swin", help="new configuration name (default 3d_swin)")
+    s.add_argument("--parent", default="3d_fullres")
+    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    s.add_argument("--feature-size", type=int, default=48, help="Swin embedding width, multiple of 12 (default 48)")
+    s.add_argument("--patch", type=int, nargs=3, default=None, help="patch size (default: the parent's), rounded")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--downsample", choices=("mergingv2", "merging_legacy", "merging"), default="mergingv2",
+                   help="patch merging; merging_legacy for NVIDIA/HybridMIM Swin weights (MONAI<=1.4 layer)")
+    s.add_argument("--window-size", type=int, default=7)
+    s.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing in the Swin stages")
+    s.add_argument("--use-v2", action="store_true", help="SwinUNETR-v2 (residual conv block before each stage)")
+    s.set_defaults(func=_add_swin_config)
+    s = kinds.add_parser("sac-vit", help="SAC-ViT (PUMIT) network on the parent's preprocessed data; patch rounded to "
+                                         "the token size, DA from the plan spacing")
+    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    s.add_argument("-n", "--name", default="3d_sac_vit", help="new configuration name (default 3d_sac_vit)")
+    s.add_argument("--parent", default="3d_fullres")
+    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    s.add_argument("--size", choices=("S", "B", "L"), default="B", help="preset (default B)")
+    s.add_argument("--patch", type=int, nargs=3, default=None, help="patch size (default: the parent's), rounded")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--embed-dim", type=int, default=None, help="override the preset (small CPU runs)")
+    s.add_argument("--depth", type=int, default=None, help="override the preset")
+    s.add_argument("--num-heads", type=int, default=None, help="override the preset")
+    s.add_argument("--decoder-channels", type=int, nargs=6, default=None, help="6 U-Net decoder widths, levels 0..5")
+    s.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the ViT blocks")
+    s.set_defaults(func=_add_sac_vit_config)
 
     p = sub.add_parser("import-unlabeled", help="unlabeled images -> pretraining dataset with a target's plans")
     p.add_argument("-i", "--input", required=True, help="folder of images (any format nnU-Net reads)")
@@ -118,7 +180,8 @@ def _optional_command_modules() -> list:
     import importlib
 
     modules = []
-    for name in ("nnunet_mim.data.builders", "nnunet_mim.evaluation", "nnunet_mim.demo", "nnunet_mim.benchmark"):
+    for name in ("nnunet_mim.data.builders", "nnunet_mim.evaluation", "nnunet_mim.demo", "nnunet_mim.study",
+                 "nnunet_mim.benchmark"):
         try:
             modules.append(importlib.import_module(name))
         except ModuleNotFoundError as e:

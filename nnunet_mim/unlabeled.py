@@ -20,6 +20,7 @@ from collections import defaultdict
 from multiprocessing import get_context
 from typing import Sequence
 
+import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isdir, join, load_json, maybe_mkdir_p, save_json
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.paths import nnUNet_preprocessed
@@ -63,6 +64,9 @@ def unlabeled_preprocessor_class(base: type) -> type:
         def run_case(self, image_files, seg_file, plans_manager, configuration_manager, dataset_json):
             data, seg, properties = super().run_case(image_files, None, plans_manager, configuration_manager,
                                                      dataset_json)
+            if not np.isfinite(data).all():
+                raise ValueError(f"{image_files}: the preprocessed image has NaN/inf values; fix or drop this scan "
+                                 f"(pretraining on it would produce non-finite losses).")
             label_manager = plans_manager.get_label_manager(dataset_json)
             keys = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
             properties["class_locations"] = {k if not isinstance(k, list) else tuple(k): [] for k in keys}

@@ -164,3 +164,4 @@ def test_mismatched_checkpoint_gets_a_clear_error(tiny_workspace, pretrained):
     run = ws.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerMIMFinetune",
                  "-pretrained_weights", str(pretrained), "-device", "cpu", check=False, **TRAIN_BUDGET)
     assert run.returncode != 0 and "Pre-flight check" in run.stderr and "How to fix" in run.stderr
+

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from nnunet_mim.masking import COUNT_CLASSES, LOCATIONS_PER_SUBVOLUME, TwoLevelGrid, derive_grid, subvolume_features
 from nnunet_mim.regions import RegionBox, crop_skips, level_scales, region_box
@@ -130,15 +131,19 @@ class HybridMIMModel(nn.Module):
         return self.box.slices_at(self.total_stride)
 
     def forward(self, x_masked: torch.Tensor, second_view: bool = True) -> HybridMIMOutput:
-        skips = self.encoder(x_masked)
-        decoder_input = crop_skips(skips, self.box, self.scales) if self.partial_region else skips
-        reconstruction = self.decoder(decoder_input)
-        bottleneck = skips[-1]
-        per_subvolume = subvolume_features(bottleneck, self.grid.pool)
-        projection = self.mim_heads.projection(bottleneck.flatten(2).mean(-1))
+        # record_function scopes name the parts in profiles (nnunet_mim benchmark --profile); free otherwise
+        with record_function("hybridmim.encoder"):
+            skips = self.encoder(x_masked)
+        with record_function("hybridmim.decoder"):
+            decoder_input = crop_skips(skips, self.box, self.scales) if self.partial_region else skips
+            reconstruction = self.decoder(decoder_input)
+        with record_function("hybridmim.heads"):
+            bottleneck = skips[-1]
+            per_subvolume = subvolume_features(bottleneck, self.grid.pool)
+            projection = self.mim_heads.projection(bottleneck.flatten(2).mean(-1))
+            count, location = self.mim_heads.count(per_subvolume), self.mim_heads.location(per_subvolume)
         projection_second_view = None
         if second_view:
-            with torch.no_grad():
+            with torch.no_grad(), record_function("hybridmim.second_view"):
                 projection_second_view = self.mim_heads.projection(self.encoder(x_masked)[-1].flatten(2).mean(-1))
-        return HybridMIMOutput(reconstruction, self.mim_heads.count(per_subvolume),
-                               self.mim_heads.location(per_subvolume), projection, projection_second_view)
+        return HybridMIMOutput(reconstruction, count, location, projection, projection_second_view)

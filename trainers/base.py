@@ -21,6 +21,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
+from torch.profiler import record_function
 
 from nnunet_mim.progress import ComponentLocalLogger
 from nnunet_mim.schedules import FunctionalLRSchedule, warmup_cosine
@@ -136,20 +137,24 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
         self.step_lr()
         data = batch["data"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self._autocast(), record_function("train.forward_and_losses"):
             losses = self.compute_losses(data, training=True)
         self._check_finite(losses)
         total = losses["loss"]
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(total).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+            with record_function("train.backward"):
+                self.grad_scaler.scale(total).backward()
+            with record_function("train.optimizer"):
+                self.grad_scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+                self.grad_scaler.step(self.optimizer)
+                self.grad_scaler.update()
         else:
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+            with record_function("train.backward"):
+                total.backward()
+            with record_function("train.optimizer"):
+                torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+                self.optimizer.step()
         return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
 
     def validation_step(self, batch: dict) -> dict:

@@ -57,3 +57,49 @@ def test_views_differ_only_by_dropout():
 def test_rejects_networks_without_encoder_decoder():
     with pytest.raises(TypeError, match="cannot be pretrained with HybridMIM"):
         HybridMIMModel(nn.Conv3d(1, 1, 3), (16, 32, 32))
+
+
+def _ddp_step(rank, world, port, queue):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from nnunet_mim.losses.contrastive import nt_xent
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DDP(HybridMIMModel(_unet(), (16, 32, 32)))  # find_unused_parameters=False, like nnU-Net
+    torch.manual_seed(rank + 1)
+    x = torch.randn(1, 1, 16, 32, 32)  # one sample per rank: the negatives come from the other rank
+    out = model(x)
+    loss = out.reconstruction.pow(2).mean() + out.count_logits.mean() + out.location_logits.mean() + \
+        nt_xent(out.projection, out.projection_second_view)
+    loss.backward()
+    grads = {n: p.grad.flatten()[:5].tolist() for n, p in model.module.named_parameters() if p.grad is not None}
+    queue.put((rank, grads))
+    dist.destroy_process_group()
+
+
+def test_ddp_step_synchronises_every_trained_parameter():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_ddp_step, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    grads = dict(queue.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    trainable = {n for n, p in HybridMIMModel(_unet(), (16, 32, 32)).named_parameters() if p.requires_grad}
+    assert set(grads[0]) == trainable  # no unused parameter, heads included
+    for name in trainable:
+        assert torch.allclose(torch.tensor(grads[0][name]), torch.tensor(grads[1][name]), atol=1e-6), name

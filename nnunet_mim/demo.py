@@ -11,8 +11,9 @@ Every step is a stock nnU-Net command or one of ours, run as a subprocess exactl
    3d_fullres (``nnunet_mim add-config small``);
 3. ``nnunet_mim import-unlabeled``: the pool, preprocessed with the target's plans;
 4. ``nnUNetv2_train <pool> <cfg> all -tr HybridMIMPretrainer``;
-5. ``nnUNetv2_train <target> <cfg> 0 -tr nnUNetTrainerMIMScratch`` and
-   ``... -tr nnUNetTrainerMIMFinetune -pretrained_weights <pretrained>``: same recipe, same budget;
+5. ``nnUNetv2_train <target> <cfg> 0 -tr nnUNetTrainerMIMScratchAdamW`` and
+   ``... -tr nnUNetTrainerMIMFinetuneAdamW -pretrained_weights <pretrained>``: same recipe (AdamW, for short
+   budgets), same budget;
 6. ``nnUNetv2_predict`` on the held-out test cases with both models;
 7. ``nnunet_mim evaluate``: Dice, HD95, ASSD; a table and a picture (a slice with the ground truth and both
    predictions).
@@ -45,7 +46,9 @@ class DemoSettings:
     configuration: str = "3d_small"
     stages: int = 4
     features: tuple[int, int] = (16, 128)
-    patch: tuple[int, int, int] | None = (32, 64, 64)
+    patch: tuple[int, int, int] | None = None  # None: the parent 3d_fullres patch
+    scratch_trainer: str = "nnUNetTrainerMIMScratchAdamW"
+    finetune_trainer: str = "nnUNetTrainerMIMFinetuneAdamW"
     pretrain_epochs: int = 16
     pretrain_iters: int = 25
     finetune_epochs: int = 20
@@ -108,8 +111,8 @@ class Demo:
             self.say(f"settings: {asdict(self.s)}")
             target = self.build_data()
             pretrained = self.pretrain(target)
-            runs = {"scratch": self.finetune(target, "nnUNetTrainerMIMScratch"),
-                    "pretrained": self.finetune(target, "nnUNetTrainerMIMFinetune", pretrained)}
+            runs = {"scratch": self.finetune(target, self.s.scratch_trainer),
+                    "pretrained": self.finetune(target, self.s.finetune_trainer, pretrained)}
             summary = self.evaluate(target, runs)
             self.say(f"done in {time.time() - self.t0:.0f} s. Outputs in {self.root}")
         return summary

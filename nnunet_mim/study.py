@@ -4,8 +4,8 @@
     nnunet_mim study label-efficiency --fractions 0.2 1.0 --epochs 10
 
 HybridMIM (Fig. 4) and PUMIT (Table 4) ask whether pretraining helps when labels are scarce. For each
-label fraction this runs the same finetuning recipe twice (``nnUNetTrainerMIMScratch`` and
-``nnUNetTrainerMIMFinetune -pretrained_weights``) with the same budget, predicts the held-out test cases and
+label fraction this runs the same finetuning recipe twice (``nnUNetTrainerMIMScratchAdamW`` and
+``nnUNetTrainerMIMFinetuneAdamW -pretrained_weights``) with the same budget, predicts the held-out test cases and
 evaluates them. Label fractions are extra folds appended to nnU-Net's ``splits_final.json`` (folds 0-4 stay
 nnU-Net's own 5-fold split): one fixed validation set (fold 0's), nested training subsets drawn with a fixed
 seed from the remaining cases. The results go to ``documentation/results.md`` with the commands, machine, wall
@@ -67,8 +67,8 @@ class LabelEfficiencyStudy(Demo):
             for i, fraction in enumerate(self.fractions):
                 fold = FIRST_STUDY_FOLD + i
                 n = len(splits[fold]["train"])
-                for arm, trainer, weights in (("scratch", "nnUNetTrainerMIMScratch", None),
-                                              ("pretrained", "nnUNetTrainerMIMFinetune", pretrained)):
+                for arm, trainer, weights in (("scratch", self.s.scratch_trainer, None),
+                                              ("pretrained", self.s.finetune_trainer, pretrained)):
                     t0 = time.time()
                     out = self.train_and_predict(target, trainer, fold, weights)
                     metrics = self.evaluate_run(target, out)
@@ -143,8 +143,8 @@ class LabelEfficiencyStudy(Demo):
             f"unlabeled pool ({s.pool_cases} cases), {s.pretrain_epochs} epochs x {s.pretrain_iters} iterations",
             f"- finetuning, per fraction (fold {FIRST_STUDY_FOLD}+i of `splits_final.json`), same budget for both "
             f"arms ({s.finetune_epochs} epochs x {s.finetune_iters} iterations): "
-            f"`nnUNetv2_train {s.dataset_id} {s.configuration} FOLD -tr nnUNetTrainerMIMScratch` and "
-            f"`nnUNetv2_train {s.dataset_id} {s.configuration} FOLD -tr nnUNetTrainerMIMFinetune "
+            f"`nnUNetv2_train {s.dataset_id} {s.configuration} FOLD -tr {s.scratch_trainer}` and "
+            f"`nnUNetv2_train {s.dataset_id} {s.configuration} FOLD -tr {s.finetune_trainer} "
             f"-pretrained_weights <pretraining checkpoint_final.pth>`",
             "- prediction: `nnUNetv2_predict -i imagesTs ... -f FOLD`; evaluation: `nnunet_mim evaluate` "
             "(mean over classes of the per-class means over test cases)", "",

@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_mim.schedules import FunctionalLRSchedule, warmup_poly
+from nnunet_mim.schedules import FunctionalLRSchedule, warmup_cosine, warmup_poly
 from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR
 from nnunet_mim.weights import load_pretrained_weights_safely
 
@@ -51,12 +51,17 @@ class nnUNetTrainerMIMFinetune(BudgetFromEnvironment, PerIterationLR, nnUNetTrai
         route_pretrained_weights_through_safe_loader()
         super().initialize()
 
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
+                               momentum=0.99, nesterov=True)
+
+    def lr_at(self, step: int, total_steps: int, warmup_steps: int) -> float:
+        return warmup_poly(step, total_steps, warmup_steps, self.initial_lr)
+
     def configure_optimizers(self):
-        optimizer = torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
-                                    momentum=0.99, nesterov=True)
+        optimizer = self.make_optimizer()
         total = self.num_epochs * self.num_iterations_per_epoch
-        schedule = partial(warmup_poly, total_steps=total, warmup_steps=max(1, int(self.warmup_fraction * total)),
-                           peak_lr=self.initial_lr)
+        schedule = partial(self.lr_at, total_steps=total, warmup_steps=max(1, int(self.warmup_fraction * total)))
         return optimizer, FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
 
     def train_step(self, batch: dict) -> dict:
@@ -66,3 +71,28 @@ class nnUNetTrainerMIMFinetune(BudgetFromEnvironment, PerIterationLR, nnUNetTrai
 
 class nnUNetTrainerMIMScratch(nnUNetTrainerMIMFinetune):
     """The same recipe without pretrained weights: the from-scratch baseline, in its own results folder."""
+
+
+class nnUNetTrainerMIMFinetuneAdamW(nnUNetTrainerMIMFinetune):
+    """AdamW (lr 1e-3, weight decay 1e-4), 5 % warmup, cosine decay: for short budgets.
+
+    nnU-Net's SGD recipe is tuned for 250k iterations; measured on the deep-GM demo data, it still predicts
+    only background after 650 iterations, while this recipe reaches Dice ~0.7 on the large structures
+    after 250 (documentation/results.md). The demo and the label-efficiency study use it for both arms.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-3
+        self.weight_decay = 1e-4
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
+
+    def lr_at(self, step: int, total_steps: int, warmup_steps: int) -> float:
+        return warmup_cosine(step, total_steps, warmup_steps, self.initial_lr)
+
+
+class nnUNetTrainerMIMScratchAdamW(nnUNetTrainerMIMFinetuneAdamW):
+    """The AdamW short-budget recipe without pretrained weights (the from-scratch baseline)."""

@@ -1,0 +1,433 @@
+"""MONAI's SwinUNETR (Hatamizadeh et al. 2022) as an nnU-Net v2 network, split into ``encoder`` / ``decoder``.
+
+nnU-Net instantiates the class named in the plans as ``SwinUNETR(input_channels=..., num_classes=...,
+deep_supervision=..., **arch_kwargs)``; ``nnunet_mim add-config swin`` writes such a configuration
+(documentation/swin.md). The wrapper builds MONAI's ``SwinUNETR`` (we do not re-implement Swin) and moves its
+modules into two children, following the dynamic-network-architectures U-Net convention that nnU-Net and
+:class:`nnunet_mim.hybridmim.HybridMIMModel` rely on:
+
+* :class:`SwinUNETREncoder` -- MONAI's ``swinViT`` (patch embedding + 4 Swin stages with patch merging).
+  ``encoder(x)`` returns ``[x, hs0, hs1, hs2, hs3, hs4]`` at strides 1, 2, 4, 8, 16, 32 (``strides``,
+  ``output_channels``); ``hs4`` is the bottleneck (``16 * feature_size`` channels, one token per 32^3 voxels).
+* :class:`SwinUNETRDecoder` -- MONAI's convolutional blocks ``encoder1..4``, ``encoder10`` (applied to the skip
+  maps) and ``decoder5..1``, plus ``seg_layers`` (1x1x1 convolutions; the last is MONAI's ``out``; the others
+  are nnU-Net deep-supervision heads at strides 2..16). ``decoder(skips)`` works on spatially cropped skips:
+  HybridMIM's partial-region prediction crops the raw input and every Swin map and runs all convolutional
+  blocks on the crop, exactly as the official HybridMIM SwinUNETR does.
+
+Keys: ``encoder.swinViT.*`` and ``decoder.<MONAI block>.*`` (MONAI's names below the prefix), segmentation heads
+``decoder.seg_layers.{0..4}.*`` -- skipped by nnU-Net's ``-pretrained_weights``.
+
+Patch merging: MONAI 1.5 changed ``downsample="merging"`` (the 0.9-1.4 layer concatenated two sub-voxels twice
+and two never; MONAI PR #8285). ``"mergingv2"`` (our default) is the standard Swin merging and means the same in
+every MONAI version; ``"merging_legacy"`` (:class:`LegacyPatchMerging`) reproduces the MONAI <= 1.4 layer, which
+NVIDIA's Swin-UNETR and HybridMIM's published Swin weights were trained with; ``"merging"`` is whatever the
+installed MONAI does. :func:`load_third_party_swin_weights` / ``python -m nnunet_mim.architectures.swin_unetr
+convert`` load such weights from a local file (``weights_only=True``; nothing is downloaded).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SWIN_STRIDES",
+    "SWIN_DIVISOR",
+    "DOWNSAMPLE_MODES",
+    "LegacyPatchMerging",
+    "SwinUNETREncoder",
+    "SwinUNETRDecoder",
+    "SwinUNETR",
+    "check_swin_patch_size",
+    "swin_patch_sizes_near",
+    "build_monai_swin_unetr",
+    "convert_third_party_swin_state_dict",
+    "load_third_party_swin_weights",
+    "SwinLoadReport",
+]
+
+#: per-stage strides of the skip list [input, patch embedding, stage 1..4] (patch merging halves every axis)
+SWIN_STRIDES: tuple[tuple[int, int, int], ...] = ((1, 1, 1),) + ((2, 2, 2),) * 5
+#: every spatial input size must be a multiple of this (patch size 2, four patch mergings: 2 ** 5)
+SWIN_DIVISOR = 32
+DOWNSAMPLE_MODES = ("mergingv2", "merging_legacy", "merging")
+
+# MONAI SwinUNETR keyword -> default; only these reach MONAI (everything else is ours or nnU-Net's)
+_MONAI_DEFAULTS = {
+    "depths": (2, 2, 2, 2),
+    "num_heads": (3, 6, 12, 24),
+    "window_size": 7,
+    "qkv_bias": True,
+    "mlp_ratio": 4.0,
+    "feature_size": 24,
+    "norm_name": "instance",
+    "drop_rate": 0.0,
+    "attn_drop_rate": 0.0,
+    "dropout_path_rate": 0.0,
+    "normalize": True,
+    "patch_norm": False,
+    "use_checkpoint": False,
+    "use_v2": False,
+}
+_DECODER_BLOCKS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10",
+                   "decoder5", "decoder4", "decoder3", "decoder2", "decoder1")
+
+
+# ------------------------------------------------------------------------------------------ MONAI glue
+def _monai():
+    try:
+        import monai
+        from monai.networks.nets import swin_unetr
+    except ImportError as e:  # pragma: no cover - monai is an install requirement
+        raise ImportError("The SwinUNETR configuration needs MONAI (pip install 'monai>=1.5,<1.7').") from e
+    return monai, swin_unetr
+
+
+class LegacyPatchMerging(nn.Module):
+    """MONAI 0.9-1.4 ``PatchMerging`` (``downsample="merging"`` before MONAI 1.5), bit for bit, 3D.
+
+    It concatenates the 8 sub-voxels of each 2x2x2 cell in the order (d, h, w) = 000, 100, 010, 001, 101, 010,
+    001, 111: sub-voxels 010 and 001 twice, 110 and 011 never (fixed in MONAI 1.5, PR #8285). NVIDIA's
+    self-supervised Swin-UNETR weights and HybridMIM's Swin weights were trained with it; load them into a
+    configuration built with ``downsample="merging_legacy"`` to get the features they were trained to produce.
+    Same parameters and keys (``reduction``, ``norm``) as MONAI's merging layers.
+    """
+
+    ORDER = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+
+    def __init__(self, dim: int, norm_layer: type[nn.Module] = nn.LayerNorm, spatial_dims: int = 3):
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError("LegacyPatchMerging is 3D only")
+        self.dim = dim
+        self.reduction = nn.Linear(8 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(8 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, D, H, W, C] -> [B, D/2, H/2, W/2, 2C]
+        _, d, h, w, _ = x.shape
+        if d % 2 or h % 2 or w % 2:
+            x = nn.functional.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in self.ORDER], -1)
+        return self.reduction(self.norm(x))
+
+
+def build_monai_swin_unetr(in_channels: int, out_channels: int, downsample: str = "mergingv2", **kwargs) -> nn.Module:
+    """MONAI ``SwinUNETR`` built portably across MONAI 1.3-1.6.
+
+    ``img_size`` is passed only where the installed MONAI still requires it (1.3/1.4: deprecated, used only for
+    a divisibility check at construction; our encoder checks every input instead). Keywords that the installed
+    MONAI does not know are dropped when they hold MONAI's default and raise a clear error otherwise.
+    """
+    monai, swin_unetr = _monai()
+    if downsample not in DOWNSAMPLE_MODES:
+        raise ValueError(f"downsample must be one of {DOWNSAMPLE_MODES}, got {downsample!r}")
+    unknown = set(kwargs) - set(_MONAI_DEFAULTS)
+    if unknown:
+        raise TypeError(f"Unknown SwinUNETR argument(s) {sorted(unknown)}; known: {sorted(_MONAI_DEFAULTS)}")
+    params = inspect.signature(swin_unetr.SwinUNETR.__init__).parameters
+    call = {}
+    for key, value in kwargs.items():
+        if key in params:
+            call[key] = tuple(value) if isinstance(value, list) else value
+        elif value != _MONAI_DEFAULTS[key] and not (isinstance(value, (list, tuple)) and
+                                                     tuple(value) == _MONAI_DEFAULTS[key]):
+            raise TypeError(f"MONAI {monai.__version__}'s SwinUNETR has no argument {key!r} (you set {value!r}); "
+                            f"upgrade MONAI (nnunet_mim is tested with 1.6) or remove it from the plans' arch_kwargs.")
+    if "img_size" in params:  # MONAI <= 1.4: required positional, deprecated, only validated
+        call["img_size"] = (SWIN_DIVISOR,) * 3
+    call["downsample"] = LegacyPatchMerging if downsample == "merging_legacy" else downsample
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return swin_unetr.SwinUNETR(in_channels=in_channels, out_channels=out_channels, spatial_dims=3, **call)
+
+
+# ------------------------------------------------------------------------------------------ patch sizes
+def swin_patch_sizes_near(patch_size: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The multiples of 32 just below (at least 32) and just above ``patch_size``, per axis."""
+    below = [max(SWIN_DIVISOR, (int(p) // SWIN_DIVISOR) * SWIN_DIVISOR) for p in patch_size]
+    above = [-(-int(p) // SWIN_DIVISOR) * SWIN_DIVISOR for p in patch_size]
+    return below, above
+
+
+def check_swin_patch_size(patch_size: Sequence[int], configuration: str | None = None,
+                          require_two_tokens: bool = False) -> None:
+    """Raise ``ValueError`` saying what to do when SwinUNETR cannot take ``patch_size`` (3D, multiples of 32;
+    for training, ``require_two_tokens``: more than one bottleneck token)."""
+    patch_size = [int(p) for p in patch_size]
+    where = f" of configuration '{configuration}'" if configuration else ""
+    if len(patch_size) != 3:
+        raise ValueError(f"SwinUNETR in nnunet_mim is 3D only; the patch size{where} is {patch_size}. Use a 3D "
+                         f"configuration (nnunet_mim add-config swin derives one from 3d_fullres).")
+    if any(p % SWIN_DIVISOR or p < SWIN_DIVISOR for p in patch_size):
+        below, above = swin_patch_sizes_near(patch_size)
+        raise ValueError(
+            f"SwinUNETR needs every patch edge to be a multiple of {SWIN_DIVISOR} (a 2x2x2 patch embedding and four "
+            f"2x patch mergings), but the patch size{where} is {patch_size}. Use e.g. {below} or {above}: "
+            f"`nnunet_mim add-config swin -d DATASET --patch {' '.join(map(str, below))}` writes a configuration "
+            f"with such a patch (it rounds any --patch to multiples of {SWIN_DIVISOR}), or set \"patch_size\" of the "
+            f"configuration in nnUNetPlans.json.")
+    if require_two_tokens and all(p == SWIN_DIVISOR for p in patch_size):
+        raise ValueError(f"The patch size{where} {patch_size} gives SwinUNETR a single bottleneck token, on which its "
+                         f"instance norms cannot train. Make at least one edge >= {2 * SWIN_DIVISOR} (`nnunet_mim "
+                         f"add-config swin -d DATASET --patch ...`).")
+
+
+# ------------------------------------------------------------------------------------------ the network
+class SwinUNETREncoder(nn.Module):
+    """MONAI's Swin transformer; returns the skip list ``[x, hs0, ..., hs4]`` (strides 1, 2, ..., 32).
+
+    The first "skip" is the input itself: in SwinUNETR the full-resolution branch (``encoder1``, a residual
+    conv block) reads the raw image, and it belongs to the decoder side so that partial-region decoding crops
+    the image, as the official HybridMIM code does.
+    """
+
+    def __init__(self, swin_vit: nn.Module, input_channels: int, feature_size: int, normalize: bool = True):
+        super().__init__()
+        self.swinViT = swin_vit
+        self.normalize = normalize
+        self.strides = [list(s) for s in SWIN_STRIDES]
+        self.output_channels = [input_channels] + [feature_size * 2 ** i for i in range(5)]
+
+    @property
+    def stages(self) -> list[nn.Module]:
+        """Patch embedding and the four Swin stages (for forward hooks such as HybridMIM's feature dropout).
+
+        A plain list (not registered again), so the state_dict keys stay ``encoder.swinViT.*``.
+        """
+        vit = self.swinViT
+        return [vit.patch_embed, vit.layers1[0], vit.layers2[0], vit.layers3[0], vit.layers4[0]]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            if x.dim() != 5 or any(s % SWIN_DIVISOR for s in x.shape[2:]):
+                check_swin_patch_size(x.shape[2:])
+        return [x, *self.swinViT(x, self.normalize)]
+
+
+class SwinUNETRDecoder(nn.Module):
+    """MONAI's convolutional SwinUNETR blocks on a (possibly cropped) skip list, plus nnU-Net's ``seg_layers``.
+
+    ``seg_layers`` are ordered like dynamic-network-architectures' (lowest resolution first): 0..3 are
+    deep-supervision heads at strides 16, 8, 4, 2; 4 is the full-resolution output (MONAI's ``out``). With
+    ``deep_supervision`` the forward returns ``[stride 1, 2, 4, 8, 16]`` logits (nnU-Net's order), else one map.
+    """
+
+    def __init__(self, monai_net: nn.Module, feature_size: int, num_classes: int, deep_supervision: bool = False):
+        super().__init__()
+        for name in _DECODER_BLOCKS:
+            self.add_module(name, getattr(monai_net, name))
+        f = feature_size
+        self.seg_layers = nn.ModuleList(nn.Conv3d(c, num_classes, 1, bias=True) for c in (8 * f, 4 * f, 2 * f, f, f))
+        self.deep_supervision = deep_supervision
+
+    def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        x, hs0, hs1, hs2, hs3, hs4 = skips
+        if self.training and hs4.shape[2:].numel() == 1 and isinstance(self.encoder10.layer.norm1, nn.InstanceNorm3d):
+            raise ValueError(
+                f"SwinUNETR's decoder got a bottleneck of a single token ({tuple(hs4.shape[2:])}; input "
+                f"{tuple(x.shape[2:])}): its instance norms cannot train on one voxel. Use a patch with at least two "
+                f"bottleneck tokens (one edge >= 64). For HybridMIM partial-region decoding the reconstructed box "
+                f"must span >= 2 tokens: make one patch edge >= 96 or use -tr HybridMIMPretrainerSwin_fullRegion.")
+        enc0 = self.encoder1(x)
+        enc1 = self.encoder2(hs0)
+        enc2 = self.encoder3(hs1)
+        enc3 = self.encoder4(hs2)
+        dec4 = self.encoder10(hs4)
+        dec3 = self.decoder5(dec4, hs3)  # stride 16
+        dec2 = self.decoder4(dec3, enc3)  # 8
+        dec1 = self.decoder3(dec2, enc2)  # 4
+        dec0 = self.decoder2(dec1, enc1)  # 2
+        out = self.decoder1(dec0, enc0)  # 1
+        if not self.deep_supervision:
+            return self.seg_layers[-1](out)
+        return [self.seg_layers[4](out), self.seg_layers[3](dec0), self.seg_layers[2](dec1),
+                self.seg_layers[1](dec2), self.seg_layers[0](dec3)]
+
+
+class SwinUNETR(nn.Module):
+    """MONAI SwinUNETR with nnU-Net's constructor, ``encoder``/``decoder`` split and deep supervision.
+
+    Args (``arch_kwargs`` in the plans, written by ``nnunet_mim add-config swin``):
+        input_channels, num_classes, deep_supervision: given by nnU-Net.
+        feature_size: Swin embedding width (multiple of 12; 48 = the paper's SwinUNETR / HybridMIM).
+        depths, num_heads, window_size, qkv_bias, mlp_ratio, norm_name, drop_rate, attn_drop_rate,
+        dropout_path_rate, normalize, patch_norm, use_checkpoint, use_v2: MONAI's SwinUNETR arguments.
+        downsample: ``"mergingv2"`` (default, standard Swin, version-independent), ``"merging_legacy"``
+            (MONAI <= 1.4 merging, for NVIDIA/HybridMIM weights) or ``"merging"`` (the installed MONAI's).
+        strides: the per-stage strides nnU-Net reads as ``pool_op_kernel_sizes`` (deep-supervision scales);
+            must be the Swin pyramid ``[[1,1,1]] + [[2,2,2]] * 5`` and may be omitted.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, deep_supervision: bool = False,
+                 feature_size: int = 48, downsample: str = "mergingv2",
+                 strides: Sequence[Sequence[int]] | None = None, **monai_kwargs):
+        super().__init__()
+        if strides is not None and [list(map(int, s)) for s in strides] != [list(s) for s in SWIN_STRIDES]:
+            raise ValueError(f"SwinUNETR's pyramid has strides {[list(s) for s in SWIN_STRIDES]} (the 'strides' "
+                             f"arch_kwarg only tells nnU-Net its deep-supervision scales); got {strides}. "
+                             f"Recreate the configuration with `nnunet_mim add-config swin`.")
+        if feature_size % 12:
+            raise ValueError(f"feature_size must be a multiple of 12 (MONAI SwinUNETR), got {feature_size}")
+        monai_net = build_monai_swin_unetr(input_channels, num_classes, downsample, feature_size=feature_size,
+                                           **monai_kwargs)
+        self.encoder = SwinUNETREncoder(monai_net.swinViT, input_channels, feature_size,
+                                        monai_kwargs.get("normalize", True))
+        self.decoder = SwinUNETRDecoder(monai_net, feature_size, num_classes, deep_supervision)
+        self.feature_size = feature_size
+        self.downsample = downsample
+        # first layers that read the input (nnU-Net / weights.py use this to detect input-channel mismatches)
+        self.keys_to_in_proj = ("encoder.swinViT.patch_embed.proj", "decoder.encoder1.layer.conv1.conv")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        return self.decoder(self.encoder(x))
+
+
+# ------------------------------------------------------------------------------------------ third-party weights
+class SwinLoadReport(NamedTuple):
+    loaded: list[str]  # our keys filled from the file
+    fresh: list[str]  # our keys the file does not have (left as initialised)
+    dropped: list[str]  # file keys with no place in the network (pretext heads, other shapes)
+    segmentation: list[str]  # our seg_layers keys (never loaded: num_classes differs)
+
+    def summary(self) -> str:
+        return (f"{len(self.loaded)} tensors loaded, {len(self.fresh)} left as initialised "
+                f"({_summarise(self.fresh)}), {len(self.dropped)} in the file unused ({_summarise(self.dropped)}), "
+                f"segmentation heads not loaded")
+
+
+def _summarise(keys: Sequence[str], n: int = 4) -> str:
+    tops = sorted({".".join(k.split(".")[:2]) for k in keys})
+    return ", ".join(tops[:n]) + (f", ... ({len(tops)} groups)" if len(tops) > n else "") if tops else "none"
+
+
+_WRAPPERS = ("module.", "_orig_mod.", "model.")
+
+
+def convert_third_party_swin_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a MONAI-style SwinUNETR / Swin-ViT state_dict to this wrapper's keys.
+
+    Understands (after stripping ``module.``): a full MONAI ``SwinUNETR`` state_dict (``swinViT.*``,
+    ``encoder1.*`` ... ``out.*``; HybridMIM's pretraining checkpoints add heads that are dropped), and the
+    Swin-UNETR self-supervised encoder (NVIDIA ``model_swinvit.pt``: ``patch_embed.*``, ``layers1.0.*`` with
+    ``mlp.fc1/fc2``, or ``swin_vit.*``). Keys it cannot place keep their name and are reported as unused.
+    """
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in _WRAPPERS:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        key = key.replace("swin_vit.", "swinViT.")
+        key = re.sub(r"\.mlp\.fc([12])\.", lambda m: f".mlp.linear{m.group(1)}.", key)
+        if key.startswith(("patch_embed.", "layers1", "layers2", "layers3", "layers4", "pos_drop")):
+            key = "swinViT." + key
+        head = key.split(".")[0]
+        if head == "swinViT":
+            key = "encoder." + key
+        elif head in _DECODER_BLOCKS:
+            key = "decoder." + key
+        elif key.startswith("out.conv.conv."):
+            key = "decoder.seg_layers.4." + key[len("out.conv.conv."):]
+        out[key] = value
+    return out
+
+
+def load_third_party_swin_weights(network: SwinUNETR, path: str, verbose: bool = True) -> SwinLoadReport:
+    """Load NVIDIA Swin-UNETR / HybridMIM / MONAI SwinUNETR weights from a *local* file into ``network``.
+
+    ``torch.load(weights_only=True)`` on the CPU (via :func:`nnunet_mim.weights.load_checkpoint`); nothing is
+    downloaded. Tensors whose key and shape match are copied; segmentation heads are never loaded. Those
+    weights were trained with MONAI <= 1.4's patch merging: build the network with
+    ``downsample="merging_legacy"`` (a warning says so otherwise).
+    """
+    from nnunet_mim.weights import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    for key in ("state_dict", "network_weights", "model"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    source = convert_third_party_swin_state_dict(checkpoint)
+    target = network.state_dict()
+    loaded, dropped, mismatched = [], [], []
+    for k, v in source.items():
+        if ".seg_layers." in k:
+            continue
+        if k not in target:
+            dropped.append(k)
+        elif tuple(target[k].shape) != tuple(v.shape):
+            mismatched.append(f"{k}: {tuple(v.shape)} in the file, {tuple(target[k].shape)} in the network")
+        else:
+            target[k] = v.to(target[k].dtype)
+            loaded.append(k)
+    if mismatched or not loaded:
+        raise ValueError(
+            f"{path} does not fit this SwinUNETR (feature_size={network.feature_size}, "
+            f"{network.encoder.output_channels[0]} input channel(s)): "
+            + (f"{len(mismatched)} tensors have another shape, e.g. {mismatched[:3]}. " if mismatched else
+               f"no tensor matches (unused keys, e.g. {dropped[:5]}). ")
+            + "Create the configuration with the checkpoint's feature size (`nnunet_mim add-config swin "
+              "--feature-size 48` for NVIDIA's and HybridMIM's weights) and the same input channels.")
+    segmentation = [k for k in target if ".seg_layers." in k]
+    fresh = [k for k in target if k not in loaded and k not in segmentation]
+    network.load_state_dict(target)
+    report = SwinLoadReport(loaded, fresh, dropped, segmentation)
+    if getattr(network, "downsample", None) != "merging_legacy" and any(".downsample." in k for k in loaded):
+        warnings.warn(f"{path}: third-party Swin weights (NVIDIA, HybridMIM) were trained with MONAI <= 1.4's patch "
+                      f"merging, but this network uses downsample={network.downsample!r}: the merging layers "
+                      f"will mix other sub-voxels than in training. Create the configuration with "
+                      f"`nnunet_mim add-config swin ... --downsample merging_legacy`.", stacklevel=2)
+    if verbose:
+        print(f"Third-party Swin weights {path}: {report.summary()}")
+    return report
+
+
+def _convert_main(argv: Sequence[str] | None = None) -> None:
+    """``python -m nnunet_mim.architectures.swin_unetr convert IN OUT -d D -c 3d_swin``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m nnunet_mim.architectures.swin_unetr",
+        description="Turn a local third-party SwinUNETR checkpoint (NVIDIA Swin-UNETR SSL, HybridMIM, MONAI) into "
+                    "a -pretrained_weights file for a planned Swin configuration. Keys the file lacks (e.g. the "
+                    "decoder of an encoder-only checkpoint) keep the fresh initialisation of the target network.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("convert")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("-c", "--configuration", default="3d_swin")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    args = parser.parse_args(argv)
+
+    from nnunet_mim.cli import build_network_for
+
+    network = build_network_for(args.dataset, args.configuration, args.plans)
+    if not isinstance(network, SwinUNETR):
+        raise SystemExit(f"Configuration {args.configuration!r} is not a SwinUNETR configuration "
+                         f"({type(network).__name__}); create one with `nnunet_mim add-config swin`.")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = load_third_party_swin_weights(network, args.input)
+    for w in caught:
+        print(f"WARNING: {w.message}")
+    torch.save({"network_weights": network.state_dict(), "source": args.input}, args.output)
+    print(f"Wrote {args.output}; finetune with nnUNetv2_train {args.dataset} {args.configuration} FOLD "
+          f"-tr nnUNetTrainerSwinUNETR -pretrained_weights {args.output}")
+    if report.fresh:
+        print(f"Note: {len(report.fresh)} tensors are not in {args.input} and start from scratch.")
+
+
+if __name__ == "__main__":
+    # run the package module's copy: under `python -m` this file is `__main__`, whose classes are not the ones
+    # that nnU-Net's pydoc.locate imports
+    from nnunet_mim.architectures.swin_unetr import _convert_main as main
+
+    main()

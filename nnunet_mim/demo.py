@@ -49,9 +49,9 @@ class DemoSettings:
     patch: tuple[int, int, int] | None = None  # None: the parent 3d_fullres patch
     scratch_trainer: str = "nnUNetTrainerMIMScratchAdamW"
     finetune_trainer: str = "nnUNetTrainerMIMFinetuneAdamW"
-    pretrain_epochs: int = 16
+    pretrain_epochs: int = 24
     pretrain_iters: int = 25
-    finetune_epochs: int = 20
+    finetune_epochs: int = 30
     finetune_iters: int = 25
     val_iters: int = 5
     seed: int = 0
@@ -229,6 +229,7 @@ def save_comparison_picture(path: Path, dataset_folder: Path, runs: dict[str, Pa
     import matplotlib
 
     matplotlib.use("agg")
+    import matplotlib.patches
     import matplotlib.pyplot as plt
     import numpy as np
     import SimpleITK as sitk
@@ -250,8 +251,14 @@ def save_comparison_picture(path: Path, dataset_folder: Path, runs: dict[str, Pa
                       interpolation="nearest")
         ax.set_title(title)
         ax.axis("off")
+    names = {int(v): k for k, v in json.loads((dataset_folder / "dataset.json").read_text())["labels"].items()
+             if isinstance(v, int) and v > 0}
+    cmap = plt.get_cmap("tab20")
+    handles = [matplotlib.patches.Patch(color=cmap((v - 1) / max(n_classes - 1, 1)), label=name)
+               for v, name in sorted(names.items())]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle(f"{case}, slice {z}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

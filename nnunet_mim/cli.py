@@ -4,6 +4,7 @@
     nnunet_mim add-config small ...           add a small configuration inheriting 3d_fullres
     nnunet_mim add-config swin ...            add a SwinUNETR configuration inheriting 3d_fullres
     nnunet_mim add-config sac-vit ...         add a SAC-ViT configuration inheriting 3d_fullres
+    nnunet_mim add-config unet ...            nnU-Net's default U-Net re-planned for another patch size
     nnunet_mim import-unlabeled ...           unlabeled images -> pretraining dataset with a target's plans
     nnunet_mim check-weights ...              pre-flight check of a checkpoint against a target's network
 """
@@ -61,6 +62,13 @@ def _add_swin_config(args) -> None:
           f"{config['patch_size']}, batch {config['batch_size']}, data of {args.parent}. Train with "
           f"`nnUNetv2_train {args.dataset} {args.name} FOLD -tr nnUNetTrainerSwinUNETR`, pretrain with "
           f"`-tr HybridMIMPretrainerSwin` (documentation/swin.md)")
+
+
+def _add_unet_config(args) -> None:
+    from nnunet_mim.plans import add_unet_configuration, describe
+
+    add_unet_configuration(args.dataset, args.name, args.patch, args.parent, args.plans, args.batch_size)
+    print("Added", describe(args.dataset, args.name, args.plans))
 
 
 def _import_unlabeled(args) -> None:
@@ -151,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decoder-channels", type=int, nargs=6, default=None, help="6 U-Net decoder widths, levels 0..5")
     s.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the ViT blocks")
     s.set_defaults(func=_add_sac_vit_config)
+    s = kinds.add_parser("unet", help="nnU-Net's default U-Net re-planned for another patch size (same-patch "
+                                      "comparisons, e.g. the sac_vit benchmark)")
+    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    s.add_argument("-n", "--name", required=True, help="new configuration name")
+    s.add_argument("--patch", type=int, nargs=3, required=True)
+    s.add_argument("--parent", default="3d_fullres")
+    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.set_defaults(func=_add_unet_config)
 
     p = sub.add_parser("import-unlabeled", help="unlabeled images -> pretraining dataset with a target's plans")
     p.add_argument("-i", "--input", required=True, help="folder of images (any format nnU-Net reads)")

@@ -95,6 +95,99 @@ def add_small_configuration(dataset: str | int, name: str = "3d_small", parent: 
     return add_configuration(dataset, name, overrides, parent, plans_identifier)
 
 
+SWIN_NETWORK_CLASS = "nnunet_mim.architectures.swin_unetr.SwinUNETR"
+SWIN_DIVISOR = 32  # 2x2x2 patch embedding + 4 patch mergings
+
+
+def round_patch_to_multiple(patch_size: Sequence[int], multiple: int) -> list[int]:
+    """Nearest multiple of ``multiple`` per axis (halves round up), at least ``multiple``."""
+    return [max(multiple, int(np.floor(p / multiple + 0.5)) * multiple) for p in patch_size]
+
+
+def swin_configuration(parent_config: dict, feature_size: int = 48, patch_size: Sequence[int] | None = None,
+                       batch_size: int | None = None, downsample: str = "mergingv2", window_size: int = 7,
+                       use_checkpoint: bool = False, use_v2: bool = False) -> dict:
+    """Overrides for a SwinUNETR configuration (documentation/swin.md) on ``parent_config``'s data.
+
+    The patch (the parent's unless given) is rounded to the nearest multiples of 32 per axis (up, for a parent
+    patch that would otherwise give a single token), and must hold at least two bottleneck tokens (InstanceNorm in
+    SwinUNETR's bottleneck block). The architecture is written
+    whole (nnU-Net's configuration inheritance is a shallow update); ``strides`` is the Swin pyramid, which
+    nnU-Net reads for its deep-supervision scales.
+    """
+    if feature_size % 12:
+        raise ValueError(f"feature_size must be a multiple of 12 (MONAI SwinUNETR), got {feature_size}")
+    requested = list(patch_size if patch_size is not None else parent_config["patch_size"])
+    if len(requested) != 3:
+        raise ValueError(f"SwinUNETR configurations are 3D; the patch size is {requested}. Derive from a 3D "
+                         f"configuration (--parent 3d_fullres).")
+    patch = round_patch_to_multiple(requested, SWIN_DIVISOR)
+    if patch_size is None and int(np.prod([p // SWIN_DIVISOR for p in patch])) < 2:
+        patch = round_patch_to_stride(requested, [SWIN_DIVISOR] * 3)  # small parent patch: round up instead
+    if int(np.prod([p // SWIN_DIVISOR for p in patch])) < 2:
+        raise ValueError(f"Patch {patch} (from {requested}) gives SwinUNETR a single bottleneck token; make at least "
+                         f"one edge >= {2 * SWIN_DIVISOR} (--patch).")
+    arch_kwargs = {"feature_size": int(feature_size), "depths": [2, 2, 2, 2], "num_heads": [3, 6, 12, 24],
+                   "window_size": int(window_size), "norm_name": "instance", "drop_rate": 0.0, "attn_drop_rate": 0.0,
+                   "dropout_path_rate": 0.0, "normalize": True, "use_checkpoint": bool(use_checkpoint),
+                   "use_v2": bool(use_v2), "downsample": downsample,
+                   "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5}
+    return {"patch_size": patch, "batch_size": int(batch_size or parent_config["batch_size"]),
+            "architecture": {"network_class_name": SWIN_NETWORK_CLASS, "arch_kwargs": arch_kwargs,
+                             "_kw_requires_import": []}}
+
+
+def add_swin_configuration(dataset: str | int, name: str = "3d_swin", parent: str = "3d_fullres",
+                           plans_identifier: str = "nnUNetPlans", feature_size: int = 48,
+                           patch_size: Sequence[int] | None = None, batch_size: int | None = None,
+                           downsample: str = "mergingv2", window_size: int = 7, use_checkpoint: bool = False,
+                           use_v2: bool = False) -> dict:
+    """Add a SwinUNETR configuration inheriting ``parent`` (same preprocessed data); see :func:`swin_configuration`."""
+    plans = PlansManager(plans_path(dataset, plans_identifier))
+    parent_config = plans._internal_resolve_configuration_inheritance(parent)
+    overrides = swin_configuration(parent_config, feature_size, patch_size, batch_size, downsample, window_size,
+                                   use_checkpoint, use_v2)
+    return add_configuration(dataset, name, overrides, parent, plans_identifier)
+
+
+def unet_configuration_for_patch(parent_config: dict, patch_size: Sequence[int], max_features: int = 320,
+                                 min_edge: int = 4) -> dict:
+    """nnU-Net's default U-Net topology re-planned for another patch size on ``parent_config``'s data.
+
+    Stages, strides and kernels come from nnU-Net's own ``get_pool_and_conv_props`` (what the experiment planner
+    runs), features double from the parent's first width up to ``max_features`` (nnU-Net 3D: 320); class, norm,
+    non-linearity and convolutions per stage are the parent's. For "same patch" comparisons (SAC-ViT benchmark).
+    """
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+
+    arch = deepcopy(parent_config["architecture"])
+    kwargs = arch["arch_kwargs"]
+    _, strides, kernels, patch, _ = get_pool_and_conv_props(parent_config["spacing"], list(patch_size), min_edge,
+                                                           999999)
+    n = len(strides)
+    kwargs["n_stages"] = n
+    kwargs["strides"] = [list(s) for s in strides]
+    kwargs["kernel_sizes"] = [list(k) for k in kernels]
+    kwargs["features_per_stage"] = features_doubling(n, int(kwargs["features_per_stage"][0]), max_features)
+    for key in ("n_conv_per_stage", "n_blocks_per_stage"):
+        if isinstance(kwargs.get(key), (list, tuple)):
+            kwargs[key] = [kwargs[key][min(i, len(kwargs[key]) - 1)] for i in range(n)]
+    if isinstance(kwargs.get("n_conv_per_stage_decoder"), (list, tuple)):
+        kwargs["n_conv_per_stage_decoder"] = [kwargs["n_conv_per_stage_decoder"][0]] * (n - 1)
+    return {"patch_size": [int(p) for p in patch], "architecture": arch}
+
+
+def add_unet_configuration(dataset: str | int, name: str, patch_size: Sequence[int], parent: str = "3d_fullres",
+                           plans_identifier: str = "nnUNetPlans", batch_size: int | None = None) -> dict:
+    """Add the default U-Net re-planned for ``patch_size`` (see :func:`unet_configuration_for_patch`)."""
+    plans = PlansManager(plans_path(dataset, plans_identifier))
+    parent_config = plans._internal_resolve_configuration_inheritance(parent)
+    overrides = unet_configuration_for_patch(parent_config, patch_size)
+    if batch_size:
+        overrides["batch_size"] = int(batch_size)
+    return add_configuration(dataset, name, overrides, parent, plans_identifier)
+
+
 def describe(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans") -> str:
     cm = PlansManager(plans_path(dataset, plans_identifier)).get_configuration(configuration)
     kw = cm.network_arch_init_kwargs

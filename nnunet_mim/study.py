@@ -76,8 +76,8 @@ class LabelEfficiencyStudy(Demo):
                                  "wall_s": round(time.time() - t0), **metrics})
                     self.say(f"fraction {fraction:.0%} ({n} cases) {arm}: Dice {metrics['dice']:.3f}")
                     (self.root / "study_results.json").write_text(json.dumps(rows, indent=1))
-        report = self.write_report(target, rows)
-        self.say(f"study done in {time.time() - self.t0:.0f} s; report: {report}")
+            report = self.write_report(target, rows)
+            self.say(f"study done in {time.time() - self.t0:.0f} s; report: {report}")
         return {"rows": rows}
 
     def train_and_predict(self, target: str, trainer: str, fold: int, weights: Path | None) -> Path:

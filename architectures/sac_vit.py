@@ -14,6 +14,7 @@ See documentation/pumit.md for design decisions and deviations.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -53,6 +54,12 @@ __all__ = [
     "sac_vit_b",
     "sac_vit_l",
     "sac_vit_arch_kwargs",
+    "SAC_VIT_NETWORK_CLASS",
+    "round_patch_to_tokens",
+    "sac_vit_configuration",
+    "add_sac_vit_configuration",
+    "is_sac_vit_configuration",
+    "SACViTPretrainNet",
     "LoadReport",
     "convert_eva02_2d_state_dict",
     "load_eva02_2d_weights",
@@ -209,19 +216,25 @@ class SACViT(nn.Module):
 
     def embed(
         self, x: torch.Tensor, da: int | None = None, token_mask: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Patch tokens ``[B, N, C]`` (mask token substituted, then absolute position embedding added) and the grid."""
+        """Patch tokens ``[B, N, C]`` (mask token substituted, then absolute position embedding added) and the grid.
+
+        ``mask_token`` (``[1, 1, C]``) overrides :attr:`mask_token`: pretraining wrappers keep their mask token outside
+        the encoder (a ``mim_`` key that the segmentation network does not have).
+        """
         da = self.da if da is None else da
         self.token_grid(x.shape[2:], da)
         x = self.patch_embed(x, da)
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)
         if token_mask is not None:
-            if self.mask_token is None:
+            mask_token = self.mask_token if mask_token is None else mask_token
+            if mask_token is None:
                 raise ValueError("token_mask given but the model was built with use_mask_token=False")
             if token_mask.shape != x.shape[:2]:
                 raise ValueError(f"token_mask must be [B, N] = {tuple(x.shape[:2])}, got {tuple(token_mask.shape)}")
-            x = torch.where(token_mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+            x = torch.where(token_mask.unsqueeze(-1), mask_token.to(x.dtype), x)
         pos = resample_grid(self.pos_embed, grid).flatten(2).transpose(1, 2)
         return x + pos, grid  # type: ignore[return-value]
 
@@ -249,15 +262,16 @@ class SACViT(nn.Module):
         token_mask: torch.Tensor | None = None,
         visible_idx: torch.Tensor | None = None,
         da: int | None = None,
+        mask_token: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm tokens ``[B, P + N, C]`` (P prefix tokens first).
 
         ``token_mask`` (bool ``[B, N]``): masked tokens are replaced by the mask token before the position embedding
         (SimMIM / BEiT, PUMIT "MIM Pre-training"). ``visible_idx`` (long ``[B, K]``, indices into the N raster-ordered
         grid tokens): only those tokens are encoded (MAE); RoPE and position embedding follow their positions and the
-        output is ``[B, P + K, C]`` in ``visible_idx`` order.
+        output is ``[B, P + K, C]`` in ``visible_idx`` order. ``mask_token``: see :meth:`embed`.
         """
-        tokens, grid = self.embed(x, da, token_mask)
+        tokens, grid = self.embed(x, da, token_mask, mask_token)
         if visible_idx is not None:
             tokens = tokens.gather(1, visible_idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
         rope = self.rope(grid, keep_idx=visible_idx, device=tokens.device)
@@ -499,6 +513,127 @@ def sac_vit_arch_kwargs(
     }
     kwargs.update(overrides)
     return kwargs
+
+
+#: ``network_class_name`` of SAC-ViT configurations in nnU-Net plans
+SAC_VIT_NETWORK_CLASS = f"{__name__}.SACViTSeg"
+
+
+def round_patch_to_tokens(patch_size: Sequence[int], da: int, min_tokens: int = 2) -> list[int]:
+    """Nearest multiple of the token size ``(16 >> DA, 16, 16)`` per axis (ties round up, at least one token per
+    axis); grows the last axis by one token if the patch would hold fewer than ``min_tokens`` tokens.
+
+    Nearest rather than up keeps the patch (and memory) close to what nnU-Net planned for the GPU budget.
+    """
+    token = sac_token_size(da, TOKEN_SIZE)
+    out = [max(t, int(math.floor(p / t + 0.5)) * t) for p, t in zip(patch_size, token)]
+    if math.prod(o // t for o, t in zip(out, token)) < min_tokens:
+        out[-1] += token[-1]
+    return out
+
+
+def sac_vit_configuration(
+    parent_config: dict,
+    size: str = "B",
+    patch_size: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    **arch_overrides,
+) -> dict:
+    """Configuration overrides (``patch_size``, ``batch_size``, ``architecture``) that turn a resolved nnU-Net
+    configuration (e.g. ``3d_fullres``) into a SAC-ViT one on the same preprocessed data.
+
+    DA comes from the parent's ``spacing`` (the plan's target spacing); the patch (parent's unless given) is rounded to
+    the token size with :func:`round_patch_to_tokens`. ``arch_overrides`` go to :func:`sac_vit_arch_kwargs`
+    (``embed_dim``, ``depth``, ``num_heads``, ``decoder_channels``, ...). ``architecture`` is given whole, because
+    nnU-Net's configuration inheritance is a shallow update.
+    """
+    if size not in SAC_VIT_PRESETS:
+        raise ValueError(f"size must be one of {sorted(SAC_VIT_PRESETS)}, got {size!r}")
+    spacing = [float(s) for s in parent_config["spacing"]]
+    if len(spacing) != 3:
+        raise ValueError(f"SAC-ViT is a 3D network; the parent configuration has spacing {spacing}")
+    da = degree_of_anisotropy(spacing)
+    patch = round_patch_to_tokens(patch_size if patch_size is not None else parent_config["patch_size"], da)
+    arch_kwargs = json.loads(json.dumps(sac_vit_arch_kwargs(patch, spacing, size, **arch_overrides)))  # plans = JSON
+    return {
+        "patch_size": patch,
+        "batch_size": int(batch_size or parent_config["batch_size"]),
+        "architecture": {"network_class_name": SAC_VIT_NETWORK_CLASS, "arch_kwargs": arch_kwargs,
+                         "_kw_requires_import": []},
+    }
+
+
+def add_sac_vit_configuration(
+    dataset: str | int,
+    name: str = "3d_sac_vit",
+    parent: str = "3d_fullres",
+    plans_identifier: str = "nnUNetPlans",
+    size: str = "B",
+    patch_size: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    **arch_overrides,
+) -> tuple[dict, str]:
+    """Add SAC-ViT configuration ``name`` inheriting ``parent`` to a dataset's plans (``nnunet_mim add-config
+    sac-vit``). Returns the resolved configuration and a one-paragraph description."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_mim.plans import add_configuration, plans_path
+
+    plans = PlansManager(plans_path(dataset, plans_identifier))
+    if parent not in plans.available_configurations:
+        raise KeyError(f"Configuration {parent!r} is not in the plans; available: {plans.available_configurations}")
+    parent_config = plans._internal_resolve_configuration_inheritance(parent)
+    overrides = sac_vit_configuration(parent_config, size, patch_size, batch_size, **arch_overrides)
+    add_configuration(dataset, name, overrides, parent, plans_identifier)
+    resolved = PlansManager(plans_path(dataset, plans_identifier))._internal_resolve_configuration_inheritance(name)
+    kw = resolved["architecture"]["arch_kwargs"]
+    da = degree_of_anisotropy(kw["spacing"])
+    grid = [p // t for p, t in zip(resolved["patch_size"], sac_token_size(da, TOKEN_SIZE))]
+    requested = list(patch_size) if patch_size is not None else parent_config["patch_size"]
+    label = f"SAC-ViT-{size}" + (f" with overrides {sorted(arch_overrides)}" if arch_overrides else "")
+    text = (f"{name}: {label} (embed {kw['embed_dim']}, depth {kw['depth']}, heads {kw['num_heads']}) "
+            f"inheriting {parent}; spacing {[round(s, 4) for s in kw['spacing']]} -> DA {da}, token "
+            f"{sac_token_size(da, TOKEN_SIZE)} voxels; patch {resolved['patch_size']} (requested {requested}) -> "
+            f"token grid {grid} = {math.prod(grid)} tokens; batch {resolved['batch_size']}; "
+            f"data {resolved['data_identifier']}")
+    return resolved, text
+
+
+def is_sac_vit_configuration(configuration_manager) -> bool:
+    """Whether an nnU-Net ``ConfigurationManager`` builds :class:`SACViTSeg`."""
+    return configuration_manager.network_arch_class_name.split(".")[-1] == "SACViTSeg"
+
+
+class SACViTPretrainNet(nn.Module):
+    """Base of the SAC-ViT pretraining networks (token MIM, MAE, SimMIM, SimCLR).
+
+    Holds the ``encoder`` and ``decoder`` of a :class:`SACViTSeg` under the same names, so its state dict is the
+    segmentation network's plus pretraining-only ``mim_*`` entries: a pretraining checkpoint loads into the supervised
+    SAC-ViT configuration with nnU-Net's own ``-pretrained_weights`` loader (every non-``.seg_layers.`` key present,
+    same shapes). The U-Net decoder takes no part in these pretext tasks: it is frozen (``requires_grad=False``, so
+    DDP and the optimiser ignore it) and keeps its initialisation, which finetuning therefore starts from exactly as a
+    fresh network would. Subclasses add ``mim_*`` modules and a ``forward``.
+    """
+
+    def __init__(self, seg: SACViTSeg):
+        super().__init__()
+        self.encoder = seg.encoder
+        self.decoder = seg.decoder
+        self.decoder.requires_grad_(False)
+        self.da = seg.da
+        self.patch_size = seg.patch_size
+        self.embed_dim = seg.encoder.embed_dim
+
+    @property
+    def token_size(self) -> tuple[int, int, int]:
+        return sac_token_size(self.da, TOKEN_SIZE)
+
+    def token_grid(self, spatial_shape: Sequence[int] | None = None) -> tuple[int, int, int]:
+        return self.encoder.token_grid(self.patch_size if spatial_shape is None else spatial_shape, self.da)
+
+    def patch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Drop the prefix (cls) tokens of an encoder output."""
+        return tokens[:, self.encoder.num_prefix_tokens:]
 
 
 def _he_init(m: nn.Module) -> None:

@@ -87,6 +87,7 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
     loss_components: tuple[str, ...] = ()
     warmup_iterations: int = 500  # HybridMIM / Swin-UNETR pretraining; capped at 10 % of a short run
     preview_every: int = 10  # epochs between reconstruction previews
+    grad_clip_norm: float = 12.0  # nnU-Net's value; pretrainers may set their method's own
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -146,14 +147,14 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
                 self.grad_scaler.scale(total).backward()
             with record_function("train.optimizer"):
                 self.grad_scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+                torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
                 self.grad_scaler.step(self.optimizer)
                 self.grad_scaler.update()
         else:
             with record_function("train.backward"):
                 total.backward()
             with record_function("train.optimizer"):
-                torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+                torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
                 self.optimizer.step()
         return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
 

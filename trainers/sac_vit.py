@@ -1,0 +1,332 @@
+"""SAC-ViT (PUMIT) trainers: supervised training / finetuning, and the shared base of the SAC-ViT pretrainers.
+
+    nnunet_mim add-config sac-vit -d D                        # adds configuration 3d_sac_vit to the plans
+    nnUNetv2_train D 3d_sac_vit 0 -tr nnUNetTrainerSACViT     # from scratch
+    nnUNetv2_train D 3d_sac_vit 0 -tr nnUNetTrainerSACViTFinetune -pretrained_weights <pretraining checkpoint>
+    nnUNetv2_predict ... -c 3d_sac_vit -tr nnUNetTrainerSACViT[Finetune]
+
+ViT optimisation (PUMIT's BTCV recipe, official ``downstream`` configs): AdamW lr 1e-4, weight decay 0.05 (none on
+biases, norms, position embedding, cls / mask tokens), linear warmup over 10 % of the run then cosine to 0, stepped
+per iteration, gradient clipping at norm 1. Finetuning adds layer-wise lr decay (BEiT / MAE: block ``i`` of ``L``
+gets ``decay ** (L + 1 - (i + 1))``; patch embedding, position embedding and tokens ``decay ** (L + 1)``; final norm,
+U-Net decoder and heads 1).
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from functools import partial
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
+
+from nnunet_mim.architectures.sac_vit import (
+    SACViTPretrainNet,
+    SACViTSeg,
+    is_sac_vit_configuration,
+    load_eva02_2d_weights,
+)
+from nnunet_mim.schedules import FunctionalLRSchedule, warmup_cosine
+from nnunet_mim.trainers.base import BudgetFromEnvironment, MIMPretrainerBase, PerIterationLR
+from nnunet_mim.weights import load_pretrained_weights_safely
+
+#: parameter names (last component) that never get weight decay, whatever their shape
+NO_WEIGHT_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")
+#: optional EVA-02 2D checkpoint (local file, never downloaded) to initialise the SAC-ViT encoder from
+EVA02_WEIGHTS_ENV = "nnUNet_mim_eva02_weights"
+
+
+def maybe_load_eva02(trainer, network: nn.Module) -> None:
+    """Initialise the encoder from ``$nnUNet_mim_eva02_weights`` when set (PUMIT initialises its ViT from EVA-02):
+    2D-to-3D inflation by :func:`load_eva02_2d_weights` (``weights_only``), report in the training log. Unset: nothing
+    happens; set to a missing file: ``FileNotFoundError``. ``-pretrained_weights`` and ``--c`` load afterwards and
+    take precedence."""
+    path = os.environ.get(EVA02_WEIGHTS_ENV)
+    if not path:
+        return
+    report = load_eva02_2d_weights(_unwrap(network).encoder, path, verbose=False)
+    trainer.print_to_log_file(f"SAC-ViT encoder initialised from EVA-02 2D weights {path} (inflated to 3D); encoder "
+                              f"keys left at their initialisation: {report.missing_keys}; unused checkpoint keys: "
+                              f"{report.unexpected_keys}")
+
+
+def require_sac_vit_configuration(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                  trainer: str) -> None:
+    """Raise with the command that creates a SAC-ViT configuration when the plans build another network."""
+    if is_sac_vit_configuration(configuration_manager):
+        return
+    dataset = plans_manager.dataset_name
+    raise RuntimeError(
+        f"{trainer} trains SAC-ViT, but this configuration builds "
+        f"{configuration_manager.network_arch_class_name.split('.')[-1]}. Add a SAC-ViT configuration to the plans "
+        f"and train that one:\n    nnunet_mim add-config sac-vit -d {dataset} -p {plans_manager.plans_name}"
+        f"   # -> configuration 3d_sac_vit\n    nnUNetv2_train {dataset} 3d_sac_vit FOLD -tr {trainer} "
+        f"-p {plans_manager.plans_name}")
+
+
+def build_sac_vit_seg(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                      num_input_channels: int, num_output_channels: int, trainer: str) -> SACViTSeg:
+    """The configuration's :class:`SACViTSeg` without deep supervision (what pretraining networks wrap)."""
+    require_sac_vit_configuration(plans_manager, configuration_manager, trainer)
+    seg = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                   num_output_channels, False)
+    assert isinstance(seg, SACViTSeg)
+    return seg
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """BEiT layer id of a parameter of a SAC-ViT network (SACViTSeg or a pretraining wrapper).
+
+    0: patch embedding, position embedding, cls / mask tokens; ``i + 1``: encoder block ``i``; ``depth + 1``:
+    everything after the blocks (final norm, U-Net decoder, heads, pretraining modules).
+    """
+    if name.startswith("encoder."):
+        sub = name[len("encoder."):]
+        if sub.startswith("blocks."):
+            return int(sub.split(".")[1]) + 1
+        if sub.startswith(("patch_embed.", *NO_WEIGHT_DECAY_NAMES)):
+            return 0
+    return depth + 1
+
+
+def sac_vit_param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW parameter groups: no weight decay on 1-D parameters (biases, norms) and on position embedding / tokens;
+    ``lr_scale = layer_decay ** (depth + 1 - layer_id)`` (honoured by :class:`FunctionalLRSchedule`).
+
+    Frozen parameters are left out. Groups are ordered by decreasing ``lr_scale`` so that group 0 (whose lr nnU-Net
+    logs) carries the base learning rate.
+    """
+    depth = len(model.encoder.blocks)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = vit_layer_id(name, depth)
+        last = name.split(".")[-1]
+        no_decay = p.ndim <= 1 or any(t in last for t in NO_WEIGHT_DECAY_NAMES)
+        key = (layer, no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr_scale": float(layer_decay ** (depth + 1 - layer)), "layer_id": layer}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups, key=lambda k: (-k[0], k[1]))]
+
+
+def make_adamw(param_groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where the device supports it (CUDA, and CPU since torch 2.4: about 4x faster than
+    the per-tensor loop on a ViT-B on CPU), else the default implementation. Same state dict either way."""
+    try:
+        return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999), fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999))
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    module = network.module if hasattr(network, "module") else network
+    return getattr(module, "_orig_mod", module)
+
+
+class nnUNetTrainerSACViT(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
+    """Supervised SAC-ViT on a SAC-ViT configuration (``nnunet_mim add-config sac-vit``): AdamW, warmup + cosine per
+    iteration, no weight decay on norms / biases / embeddings, gradient clipping at 1. nnU-Net's loss (Dice + CE,
+    deep supervision on the 5 decoder outputs), data augmentation, sliding-window validation and inference."""
+
+    warmup_fraction: float = 0.1  # PUMIT BTCV: 5k warmup of 50k steps
+    layer_decay: float = 1.0
+    grad_clip: float = 1.0  # PUMIT downstream; nnU-Net's default is 12
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-4
+        self.weight_decay = 0.05
+        self.pretrained_report = None
+
+    def initialize(self):
+        self.apply_budget_from_environment()
+        self._route_pretrained_weights()
+        super().initialize()
+        maybe_load_eva02(self, self.network)
+        net = _unwrap(self.network)
+        n_params = sum(p.numel() for p in net.parameters())
+        enc = net.encoder
+        self.print_to_log_file(
+            f"SAC-ViT: embed {enc.embed_dim}, depth {len(enc.blocks)}, heads {enc.num_heads}, DA {net.da}, patch "
+            f"{net.patch_size} -> token grid {enc.token_grid(net.patch_size)}, {n_params / 1e6:.2f} M parameters; "
+            f"AdamW lr {self.initial_lr} wd {self.weight_decay}, warmup {self.warmup_fraction:.0%} then cosine, "
+            f"layer decay {self.layer_decay}, grad clip {self.grad_clip}")
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        require_sac_vit_configuration(plans_manager, configuration_manager, cls.__name__)
+        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                        num_output_channels, enable_deep_supervision)
+
+    # ---- pretrained weights -----------------------------------------------------------------------
+    def _route_pretrained_weights(self) -> None:
+        """``-pretrained_weights`` through :func:`load_pretrained_weights_safely` (weights_only, CPU, full report),
+        plus a per-part summary in the training log (see ``trainers/finetune.py`` for why this is the hook)."""
+        import nnunetv2.run.run_training as run_training
+
+        trainer = self
+
+        def load(network, fname, verbose=False):
+            report = load_pretrained_weights_safely(network, fname, verbose)
+            trainer._log_pretrained(fname, report)
+            return report
+
+        run_training.load_pretrained_weights = load
+
+    def _log_pretrained(self, fname: str, report) -> None:
+        self.pretrained_report = report
+        parts = defaultdict(int)
+        for k in report.matched:
+            parts[k.split(".")[0]] += 1
+        note = (" nnunet_mim's SAC-ViT pretrainers keep the U-Net decoder frozen at its initialisation: only the "
+                "encoder carries pretraining." if report.pretraining_only else "")
+        self.print_to_log_file(
+            f"Pretrained weights from {fname}: {dict(parts)} tensors transferred (segmentation layers start fresh), "
+            f"{len(report.pretraining_only)} pretraining-only tensors dropped.{note}")
+
+    # ---- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        groups = sac_vit_param_groups(_unwrap(self.network), self.weight_decay, self.layer_decay)
+        optimizer = make_adamw(groups, self.initial_lr)
+        total = self.num_epochs * self.num_iterations_per_epoch
+        schedule = partial(warmup_cosine, total_steps=total, warmup_steps=max(1, int(self.warmup_fraction * total)),
+                           peak_lr=self.initial_lr)
+        return optimizer, FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step with per-iteration lr and this trainer's gradient-clipping norm."""
+        self.step_lr()
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            loss = self.loss(self.network(data), target)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+
+class nnUNetTrainerSACViTFinetune(nnUNetTrainerSACViT):
+    """Finetuning a pretrained SAC-ViT (``-pretrained_weights``): the same recipe plus layer-wise lr decay 0.75
+    (BEiT / MAE ViT-B finetuning default)."""
+
+    layer_decay: float = 0.75
+
+    def on_train_start(self):
+        super().on_train_start()
+        if self.pretrained_report is None:
+            self.print_to_log_file(
+                "WARNING: nnUNetTrainerSACViTFinetune without -pretrained_weights (or resumed with --c): layer-wise lr "
+                "decay is applied to whatever weights the network has. For training from scratch use "
+                "nnUNetTrainerSACViT.")
+
+
+class nnUNetTrainerSACViTFinetune_noLLRD(nnUNetTrainerSACViTFinetune):
+    """Finetuning without layer-wise lr decay (ablation)."""
+
+    layer_decay = 1.0
+
+
+# ================================================================================================================
+# pretraining base
+# ================================================================================================================
+class SACViTPretrainerBase(MIMPretrainerBase):
+    """Base of the SAC-ViT pretrainers (token MIM, MAE, SimMIM, SimCLR) on a SAC-ViT configuration.
+
+    The network is a :class:`SACViTPretrainNet` (segmentation network's keys + ``mim_*``; frozen U-Net decoder).
+    Subclasses implement :meth:`wrap_network` (classmethod: ``SACViTSeg -> SACViTPretrainNet``) and
+    :meth:`compute_losses`. AdamW with the SAC-ViT parameter groups (no weight decay on tokens / embeddings / norms).
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.weight_decay = 0.05
+        self.step_timings: dict[str, list[float]] = defaultdict(list)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> SACViTPretrainNet:
+        seg = build_sac_vit_seg(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                cls.__name__)
+        return cls.wrap_network(seg, num_input_channels)
+
+    @classmethod
+    def wrap_network(cls, seg: SACViTSeg, num_input_channels: int) -> SACViTPretrainNet:
+        raise NotImplementedError
+
+    @property
+    def mim_model(self) -> SACViTPretrainNet:
+        return _unwrap(self.network)
+
+    def initialize(self):
+        super().initialize()
+        maybe_load_eva02(self, self.network)
+
+    def configure_optimizers(self):
+        groups = sac_vit_param_groups(self.mim_model, self.weight_decay)
+        optimizer = make_adamw(groups, self.initial_lr)
+        total = self.num_epochs * self.num_iterations_per_epoch
+        warmup = min(self.warmup_iterations, max(1, total // 10))
+        schedule = partial(warmup_cosine, total_steps=total, warmup_steps=warmup, peak_lr=self.initial_lr)
+        return optimizer, FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
+
+    def on_validation_epoch_start(self):
+        self._preview_batch = None
+        super().on_validation_epoch_start()
+
+    # ---- timing helpers (benchmarks, tokenizer share) --------------------------------------------------------------
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def timed(self, name: str):
+        """Context manager adding the wall time of a block (device-synchronised) to ``step_timings[name]``."""
+        trainer = self
+
+        class _Timer:
+            def __enter__(self):
+                trainer._sync()
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                trainer._sync()
+                trainer.step_timings[name].append(time.perf_counter() - self.t)
+                return False
+
+        return _Timer()
+
+    def train_step(self, batch: dict) -> dict:
+        with self.timed("step"):
+            return super().train_step(batch)
+
+    def on_train_epoch_start(self):
+        self.step_timings.clear()
+        super().on_train_epoch_start()
+
+    def mean_step_time(self, name: str = "step") -> float:
+        values = self.step_timings.get(name, [])
+        return float(np.mean(values)) if values else float("nan")

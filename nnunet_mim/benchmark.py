@@ -86,7 +86,46 @@ SUITES: dict[str, Suite] = {
                     "add-config unet -d D -n NAME --patch P`): one training step each, and sliding-window prediction "
                     "of a volume twice the patch per axis (27 windows, no mirroring). Targets: prediction <= 1.5x "
                     "(issue 5); the training-step ratio has no target in the issue (2x is informational). `--profile` "
-                    "adds the attention share (`vit.attention` scope).",
+                    "adds the attention time (SDPA forward op, backward autograd node).",
+    ),
+    "swin": Suite(
+        cases=(Case("supervised SwinUNETR", "nnUNetTrainerSwinUNETR"),
+               Case("HybridMIM-Swin partial region", "HybridMIMPretrainerSwin"),
+               Case("HybridMIM-Swin full region", "HybridMIMPretrainerSwin_fullRegion")),
+        ratios=(Ratio("HybridMIM-Swin partial region", "HybridMIM-Swin full region", "time", 0.65),
+                Ratio("HybridMIM-Swin partial region", "HybridMIM-Swin full region", "memory", 0.65),
+                Ratio("HybridMIM-Swin partial region", "supervised SwinUNETR", "time", 1.2),
+                Ratio("HybridMIM-Swin partial region", "supervised SwinUNETR", "memory", 1.2)),
+        description="SwinUNETR (issue 4): one training step of supervised SwinUNETR (AdamW, deep supervision) and "
+                    "of HybridMIM on the same Swin network, with partial-region and full-patch decoding. Run it on a "
+                    "Swin configuration: `nnunet_mim add-config swin -d D` then `-c 3d_swin`. Targets (issue 4): "
+                    "partial/full <= 0.65x, HybridMIM-Swin/supervised <= 1.2x.",
+    ),
+    "pumit": Suite(
+        cases=(Case("SAC-ViT-B supervised", "nnUNetTrainerSACViT"),
+               Case("PUMIT stage 1: visual tokenizer + discriminator", "VisualTokenizerTrainer"),
+               Case("PUMIT stage 2: token MIM", "TokenMIMPretrainer")),
+        ratios=(),
+        description="PUMIT (issue 6): one training step of both token-reconstruction stages next to supervised SAC-ViT-B, "
+                    "on the same SAC-ViT configuration (`-c 3d_sac_vit`). Stage 2 needs a stage-1 tokenizer: the "
+                    "trained one (found by convention) or `nnUNet_mim_tokenizer=random` (an untrained tokenizer of "
+                    "the default size: same cost). `--profile`: the `mim.tokenizer` scope is the frozen tokenizer's "
+                    "share of the stage-2 step.",
+    ),
+    "mim_baselines": Suite(
+        cases=(Case("MAE (mask 0.75)", "MAEPretrainer", "3d_sac_vit"),
+               Case("MAE, official 8x512 decoder", "MAEPretrainer_dec8x512", "3d_sac_vit"),
+               Case("SimMIM (mask 0.75)", "SimMIMPretrainer", "3d_sac_vit"),
+               Case("token MIM (mask 0.55)", "TokenMIMPretrainer", "3d_sac_vit"),
+               Case("SimCLR", "SimCLRPretrainer", "3d_sac_vit"),
+               Case("HybridMIM (U-Net, same patch)", "HybridMIMPretrainer")),
+        ratios=(Ratio("MAE (mask 0.75)", "SimMIM (mask 0.75)", "time", 0.6),
+                Ratio("MAE, official 8x512 decoder", "SimMIM (mask 0.75)", "time", 0.6)),
+        description="MIM baselines (issue 7): one training step of MAE, SimMIM, token MIM and SimCLR on SAC-ViT "
+                    "(`3d_sac_vit`) and of HybridMIM on nnU-Net's default U-Net re-planned for the same patch (`-c`, "
+                    "`nnunet_mim add-config unet -d D -n NAME --patch P`). Token MIM: see the `pumit` suite for its "
+                    "tokenizer. Target (issue 7): MAE at mask 0.75 <= 0.6x SimMIM's step (encoder on the visible "
+                    "tokens only); the official 8x512 decoder is shown for the decoder-size choice.",
     ),
 }
 
@@ -239,7 +278,9 @@ def profile_scopes(cases: list[Case], built: dict, steps: int = 3) -> dict[str, 
             for _ in range(steps):
                 step()
         scopes = {e.key: e.cpu_time_total / 1e6 / steps for e in prof.key_averages()
-                  if e.key.startswith(("hybridmim.", "train.", "swin.", "vit.", "mim."))}
+                  if e.key.startswith(("hybridmim.", "train.", "swin.", "vit.", "mim.",
+                                       # attention (forward op, backward autograd node), e.g. SAC-ViT's SDPA
+                                       "aten::scaled_dot_product_attention", "ScaledDotProduct"))}
         if scopes:
             out[c.label] = dict(sorted(scopes.items()))
     return out

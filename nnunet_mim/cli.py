@@ -7,6 +7,9 @@
     nnunet_mim add-config unet ...            nnU-Net's default U-Net re-planned for another patch size
     nnunet_mim import-unlabeled ...           unlabeled images -> pretraining dataset with a target's plans
     nnunet_mim check-weights ...              pre-flight check of a checkpoint against a target's network
+    nnunet_mim build-data ...                 offline real-scan nnU-Net datasets (documentation/data.md)
+    nnunet_mim evaluate ...                   Dice, HD95, ASSD of a prediction folder
+    nnunet_mim demo / study / benchmark ...   the README demo, the label-efficiency study, step benchmarks
 """
 from __future__ import annotations
 
@@ -188,23 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="trainer that will finetune (builds the net)")
     p.set_defaults(func=_check_weights)
 
-    for module in _optional_command_modules():
+    from nnunet_mim import benchmark, demo, evaluation, study
+    from nnunet_mim.data import builders
+
+    for module in (builders, evaluation, demo, study, benchmark):
         module.add_parser(sub)
     return parser
-
-
-def _optional_command_modules() -> list:
-    import importlib
-
-    modules = []
-    for name in ("nnunet_mim.data.builders", "nnunet_mim.evaluation", "nnunet_mim.demo", "nnunet_mim.study",
-                 "nnunet_mim.benchmark"):
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-    return modules
 
 
 def main(argv: list[str] | None = None) -> None:

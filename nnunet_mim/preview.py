@@ -33,27 +33,43 @@ def save_reconstruction_preview(path: str, image: torch.Tensor, voxel_mask: torc
     target = np.where(mask & in_region, img, np.nan)
     # centre the slices on the region so the reconstruction is visible on every axis
     centre = [((s.start or 0) + (s.stop if s.stop is not None else n)) // 2 for s, n in zip(region, img.shape)]
-    lo, hi = np.percentile(img, [0.5, 99.5])
-    columns = (("input", img), ("masked input", masked), ("reconstruction", recon), ("target (loss voxels)", target))
-    fig, axes = plt.subplots(3, 4, figsize=(16, 12))
-    cmap = plt.get_cmap("gray").copy()
-    cmap.set_bad("#6b8fb3")
-    for col, (name, vol) in enumerate(columns):
-        views = [vol[centre[0]], vol[:, centre[1]], vol[:, :, centre[2]]]
-        for row, view in enumerate(views):
-            ax = axes[row, col]
-            ax.imshow(np.ma.masked_invalid(view), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(name)
-        axes[0, 0].set_ylabel("axis 0")
-        axes[1, 0].set_ylabel("axis 1")
-        axes[2, 0].set_ylabel("axis 2")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    columns = [("input", img, "gray"), ("masked input", masked, "gray"), ("reconstruction", recon, "gray"),
+               ("target (loss voxels)", target, "gray")]
+    return save_volume_panels(path, columns, title, centre=centre, gray_range=tuple(np.percentile(img, [0.5, 99.5])))
+
+
+def save_volume_panels(path: str, columns: Sequence[tuple[str, np.ndarray, str]], title: str = "",
+                       centre: Sequence[int] | None = None, gray_range: tuple[float, float] | None = None) -> str:
+    """3 rows (a slice through ``centre`` along each axis, default the middle) x one column per
+    ``(name, volume [D, H, W], colormap)``; NaN is drawn grey-blue. ``gray`` columns share ``gray_range`` when given
+    (else their own 0.5-99.5 percentiles); ``tab20`` columns show integer codes modulo 20 (codebook indices)."""
+    with plt.style.context("default"):  # nnU-Net's progress plot sets a large seaborn font scale globally
+        fig, axes = plt.subplots(3, len(columns), figsize=(4 * len(columns), 12), squeeze=False)
+        for col, (name, vol, cmap_name) in enumerate(columns):
+            cmap = plt.get_cmap(cmap_name).copy()
+            cmap.set_bad("#6b8fb3")
+            finite = vol[np.isfinite(vol)]
+            if cmap_name == "tab20":
+                vol = np.where(np.isfinite(vol), np.mod(vol, 20), np.nan)
+                lo, hi = 0, 19
+            elif cmap_name == "gray":
+                lo, hi = gray_range or (np.percentile(finite, [0.5, 99.5]) if finite.size else (0, 1))
+            else:
+                lo, hi = (finite.min(), finite.max()) if finite.size else (0, 1)
+            c = list(centre) if centre is not None else [n // 2 for n in vol.shape]
+            for row, view in enumerate((vol[c[0]], vol[:, c[1]], vol[:, :, c[2]])):
+                ax = axes[row, col]
+                ax.imshow(np.ma.masked_invalid(view), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(name)
+        for row in range(3):
+            axes[row, 0].set_ylabel(f"axis {row}")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
     return path

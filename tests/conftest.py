@@ -77,3 +77,24 @@ def tiny_workspace(tmp_path_factory) -> Workspace:
     ws.run("nnunet_mim", "add-config", "small", "-d", str(TINY_ID), "-n", TINY_CONFIG, "--stages", "4",
            "--features", "8", "64", "--patch", "16", "32", "32")
     return ws
+
+
+TINY_DATASET = f"Dataset{TINY_ID}_Tiny"
+TINY_SAC_CONFIG = "3d_sac_vit_tiny"
+#: SAC-ViT-S shrunk for CPU tests (``nnunet_mim add-config sac-vit`` arguments)
+TINY_SAC_ARCH = ["--embed-dim", "48", "--depth", "4", "--num-heads", "3", "--decoder-channels", "4", "8", "8", "16",
+                 "16", "16"]
+
+
+@pytest.fixture(scope="session")
+def sac_vit_workspace(tiny_workspace) -> Workspace:
+    """The tiny workspace plus a tiny SAC-ViT configuration ``3d_sac_vit_tiny`` (patch 32^3 -> 2x2x2 tokens)."""
+    out = tiny_workspace.run("nnunet_mim", "add-config", "sac-vit", "-d", str(TINY_ID), "-n", TINY_SAC_CONFIG,
+                             "--size", "S", "--patch", "32", "32", "32", *TINY_SAC_ARCH).stdout
+    assert "DA 0" in out and "token grid [2, 2, 2]" in out, out
+    return tiny_workspace
+
+
+def fold_folder(ws: Workspace, trainer: str, configuration: str, fold: str | int = "all") -> Path:
+    """``$nnUNet_results/<tiny dataset>/<trainer>__nnUNetPlans__<configuration>/fold_<fold>``."""
+    return ws.results / TINY_DATASET / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"

@@ -6,23 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_ID, TRAIN_BUDGET
+from conftest import TINY_DATASET as DATASET, TINY_ID, TINY_SAC_CONFIG, TRAIN_BUDGET, fold_folder
 
-DATASET = f"Dataset{TINY_ID}_Tiny"
-CONFIG = "3d_sac_vit_tiny"
-TINY_ARCH = ["--embed-dim", "48", "--depth", "4", "--num-heads", "3", "--decoder-channels", "4", "8", "8", "16", "16",
-             "16"]
+CONFIG = TINY_SAC_CONFIG
 
 
 def _fold(ws, trainer, fold="all"):
-    return ws.results / DATASET / f"{trainer}__nnUNetPlans__{CONFIG}" / f"fold_{fold}"
+    return fold_folder(ws, trainer, CONFIG, fold)
 
 
 @pytest.fixture(scope="module")
-def ws(tiny_workspace):
-    tiny_workspace.run("nnunet_mim", "add-config", "sac-vit", "-d", str(TINY_ID), "-n", CONFIG, "--size", "S",
-                       "--patch", "32", "32", "32", *TINY_ARCH)
-    return tiny_workspace
+def ws(sac_vit_workspace):
+    return sac_vit_workspace
 
 
 def _fits_supervised_config(ws, checkpoint) -> None:

@@ -9,15 +9,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TINY_ID, TRAIN_BUDGET
+from conftest import TINY_DATASET as DATASET, TINY_ID, TINY_SAC_ARCH, TINY_SAC_CONFIG, TRAIN_BUDGET, fold_folder
 from nnunet_mim.architectures.sac_vit import SACViTSeg, round_patch_to_tokens, sac_vit_configuration
 from nnunet_mim.schedules import FunctionalLRSchedule
 from nnunet_mim.trainers.sac_vit import sac_vit_param_groups, vit_layer_id
 
-DATASET = f"Dataset{TINY_ID}_Tiny"
-SAC_CONFIG = "3d_sac_vit_tiny"
-TINY_ARCH = ["--embed-dim", "48", "--depth", "4", "--num-heads", "3", "--decoder-channels", "4", "8", "8", "16", "16",
-             "16"]
+SAC_CONFIG = TINY_SAC_CONFIG
 TINY = dict(embed_dim=48, depth=4, num_heads=3, decoder_channels=(4, 8, 8, 16, 16, 16))
 
 
@@ -78,22 +75,18 @@ def test_layer_decay_groups():
 
 # ------------------------------------------------------------------------------------------- console scripts
 @pytest.fixture(scope="module")
-def sac_config(tiny_workspace):
-    ws = tiny_workspace
-    out = ws.run("nnunet_mim", "add-config", "sac-vit", "-d", str(TINY_ID), "-n", SAC_CONFIG, "--size", "S",
-                 "--patch", "32", "32", "32", *TINY_ARCH).stdout
-    assert "DA 0" in out and "token grid [2, 2, 2]" in out
+def sac_config(sac_vit_workspace):
     return SAC_CONFIG
 
 
 def _fold(ws, trainer, fold, config=SAC_CONFIG):
-    return ws.results / DATASET / f"{trainer}__nnUNetPlans__{config}" / f"fold_{fold}"
+    return fold_folder(ws, trainer, config, fold)
 
 
 def test_add_config_rounds_the_plan_patch(tiny_workspace):
     ws = tiny_workspace
     out = ws.run("nnunet_mim", "add-config", "sac-vit", "-d", str(TINY_ID), "-n", "3d_sac_vit_rounded",
-                 *TINY_ARCH).stdout
+                 *TINY_SAC_ARCH).stdout
     assert "patch [32, 48, 48] (requested [24, 40, 40])" in out
     plans = json.loads((ws.preprocessed / DATASET / "nnUNetPlans.json").read_text())
     cfg = plans["configurations"]["3d_sac_vit_rounded"]

@@ -135,33 +135,40 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
         return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
 
     def train_step(self, batch: dict) -> dict:
+        """One step on ``compute_losses``: it backpropagates ``losses["objective"]`` when the pretext task has one
+        (e.g. two players) and ``losses["loss"]`` otherwise; ``loss`` is what nnU-Net logs."""
         self.step_lr()
         data = batch["data"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast(), record_function("train.forward_and_losses"):
             losses = self.compute_losses(data, training=True)
-        self._check_finite(losses)
-        total = losses["loss"]
+        objective = losses.pop("objective", None)
+        total = losses["loss"] if objective is None else objective
+        self._check_finite({**losses, "loss": total})
         if self.grad_scaler is not None:
             with record_function("train.backward"):
                 self.grad_scaler.scale(total).backward()
             with record_function("train.optimizer"):
                 self.grad_scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+                self.clip_gradients()
                 self.grad_scaler.step(self.optimizer)
                 self.grad_scaler.update()
         else:
             with record_function("train.backward"):
                 total.backward()
             with record_function("train.optimizer"):
-                torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+                self.clip_gradients()
                 self.optimizer.step()
         return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
+
+    def clip_gradients(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
 
     def validation_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
         with self._autocast():
             losses = self.compute_losses(data, training=False)
+        losses.pop("objective", None)
         return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
 
     def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:

@@ -18,7 +18,7 @@ from torch.profiler import record_function
 from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
 from nnunet_mim.losses.contrastive import nt_xent
 from nnunet_mim.trainers.sac_vit import SACViTPretrainerBase
-from nnunet_mim.trainers.token_mim import save_volume_panels
+from nnunet_mim.preview import save_volume_panels
 
 
 def random_resized_crop(x: torch.Tensor, volume_fraction: tuple[float, float] = (0.35, 1.0),

@@ -43,6 +43,7 @@ from nnunet_mim.losses.gan import (  # noqa: E402
 )
 from nnunet_mim.losses.tokens import entropy, prior_regularization, soft_cross_entropy  # noqa: E402
 from nnunet_mim.masking import random_token_mask  # noqa: E402
+from nnunet_mim.preview import save_volume_panels  # noqa: E402
 from nnunet_mim.sac import degree_of_anisotropy, sac_token_size  # noqa: E402
 from nnunet_mim.schedules import FunctionalLRSchedule, warmup_cosine  # noqa: E402
 from nnunet_mim.trainers.base import MIMPretrainerBase  # noqa: E402
@@ -62,42 +63,6 @@ TOKENIZER_TRAINER = "VisualTokenizerTrainer"
 # ================================================================================================================
 # previews / plots
 # ================================================================================================================
-def save_volume_panels(path: str, columns: list[tuple[str, np.ndarray, str]], title: str = "") -> str:
-    """3 rows (middle slice along each axis) x one column per ``(name, volume [D, H, W], cmap)``; NaN = grey-blue."""
-    with plt.style.context("default"):
-        return _save_volume_panels(path, columns, title)
-
-
-def _save_volume_panels(path: str, columns: list[tuple[str, np.ndarray, str]], title: str) -> str:
-    fig, axes = plt.subplots(3, len(columns), figsize=(4 * len(columns), 12), squeeze=False)
-    for col, (name, vol, cmap_name) in enumerate(columns):
-        cmap = plt.get_cmap(cmap_name).copy()
-        cmap.set_bad("#6b8fb3")
-        finite = vol[np.isfinite(vol)]
-        if cmap_name == "tab20":  # codebook indices: code % 20 -> a fixed colour, comparable across panels
-            vol = np.where(np.isfinite(vol), np.mod(vol, 20), np.nan)
-            lo, hi = 0, 19
-        elif cmap_name == "gray":
-            lo, hi = (np.percentile(finite, [0.5, 99.5]) if finite.size else (0, 1))
-        else:
-            lo, hi = (np.nanmin(vol), np.nanmax(vol)) if finite.size else (0, 1)
-        centre = [s // 2 for s in vol.shape]
-        for row, view in enumerate((vol[centre[0]], vol[:, centre[1]], vol[:, :, centre[2]])):
-            ax = axes[row, col]
-            ax.imshow(np.ma.masked_invalid(view), cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(name)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
 def tokens_to_voxels(values: torch.Tensor, grid, token_size) -> np.ndarray:
     """``[N]`` per-token values (raster order) -> a voxel volume (nearest)."""
     v = values.detach().float().cpu().reshape(*grid)
@@ -317,41 +282,10 @@ class VisualTokenizerTrainer(MIMPretrainerBase):
                                        out.probs[:1].argmax(-1).detach(), out.grid)
         return losses
 
-    def train_step(self, batch: dict) -> dict:
-        """One backward for both players; the tokenizer and discriminator gradients are clipped separately."""
-        self.step_lr()
-        data = batch["data"].to(self.device, non_blocking=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast(), record_function("train.forward_and_losses"):
-            losses = self.compute_losses(data, training=True)
-        objective = losses.pop("objective")
-        self._check_finite({**losses, "loss": objective})
-        net = self.net
-        players = (net.tokenizer.parameters(), net.mim_discriminator.parameters())
-        if self.grad_scaler is not None:
-            with record_function("train.backward"):
-                self.grad_scaler.scale(objective).backward()
-            with record_function("train.optimizer"):
-                self.grad_scaler.unscale_(self.optimizer)
-                for params in players:
-                    torch.nn.utils.clip_grad_norm_(list(params), self.grad_clip_norm)
-                self.grad_scaler.step(self.optimizer)
-                self.grad_scaler.update()
-        else:
-            with record_function("train.backward"):
-                objective.backward()
-            with record_function("train.optimizer"):
-                for params in players:
-                    torch.nn.utils.clip_grad_norm_(list(params), self.grad_clip_norm)
-                self.optimizer.step()
-        return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
-
-    def validation_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        with torch.no_grad(), self._autocast():
-            losses = self.compute_losses(data, training=False)
-        losses.pop("objective")
-        return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
+    def clip_gradients(self) -> None:
+        """The tokenizer and the discriminator are clipped separately (one backward trains both players)."""
+        for player in (self.net.tokenizer, self.net.mim_discriminator):
+            torch.nn.utils.clip_grad_norm_(player.parameters(), self.grad_clip_norm)
 
     # ---- codebook utilisation, previews ----------------------------------------------------------------
     def _accumulate_usage(self, probs: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -122,7 +122,9 @@ SUITES: dict[str, Suite] = {
                Case("SimCLR", "SimCLRPretrainer", "3d_sac_vit"),
                Case("HybridMIM (U-Net, same patch)", "HybridMIMPretrainer")),
         ratios=(Ratio("MAE (mask 0.75)", "SimMIM (mask 0.75)", "time", 0.6),
-                Ratio("MAE, official 8x512 decoder", "SimMIM (mask 0.75)", "time", 0.6)),
+                Ratio("MAE, official 8x512 decoder", "SimMIM (mask 0.75)", "time", None),
+                Ratio("MAE (mask 0.75)", "SimMIM (mask 0.75)", "memory", None),
+                Ratio("SimCLR", "SimMIM (mask 0.75)", "time", None)),
         description="MIM baselines (issue 7): one training step of MAE, SimMIM, token MIM and SimCLR on SAC-ViT "
                     "(`3d_sac_vit`) and of HybridMIM on nnU-Net's default U-Net re-planned for the same patch (`-c`, "
                     "`nnunet_mim add-config unet -d D -n NAME --patch P`). Token MIM: see the `pumit` suite for its "
@@ -312,8 +314,9 @@ def render(suite_name: str, suite: Suite, times: dict, memory: dict, cuda_peak: 
         q1, q3 = np.percentile(times[c.label], [25, 75])
         act, state = memory.get(c.label, (float("nan"), float("nan")))
         cuda = f"{cuda_peak[c.label]:.0f}" if c.label in cuda_peak else "-"
-        lines.append(f"| {c.label} | {medians[c.label]:.3f} | {q1:.3f}-{q3:.3f} | {act:.1f} | {state:.1f} | "
-                     f"{act + state:.1f} | {cuda} |")
+        mb = [f"{v:.1f}" if np.isfinite(v) else "-" for v in (act, state, act + state)]  # predict: no backward
+        lines.append(f"| {c.label} | {medians[c.label]:.3f} | {q1:.3f}-{q3:.3f} | {mb[0]} | {mb[1]} | {mb[2]} | "
+                     f"{cuda} |")
     if suite.ratios:
         lines += ["", "| ratio | measured | target | |", "|---|---|---|---|"]
     for r in suite.ratios:
@@ -346,17 +349,19 @@ def run(args) -> str:
     device = torch.device(args.device)
     from nnunet_mim.plans import describe
 
+    cases = [replace(c, configuration=args.sac_vit_configuration) if c.configuration == "3d_sac_vit" else c
+             for c in suite.cases]
     user_results = os.environ.get("nnUNet_results")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["nnUNet_results"] = tmp  # trainers write logs; keep them out of the user's results
         try:
-            print(f"timing {len(suite.cases)} cases x {args.steps} steps (interleaved) on {device} ...", flush=True)
-            times, memory = measure(list(suite.cases), args.dataset, args.configuration, args.plans, device,
-                                    args.steps, args.warmup)
-            scopes = profile_scopes(list(suite.cases), measure.built) if args.profile else None
+            print(f"timing {len(cases)} cases x {args.steps} steps (interleaved) on {device} ...", flush=True)
+            times, memory = measure(cases, args.dataset, args.configuration, args.plans, device, args.steps,
+                                    args.warmup)
+            scopes = profile_scopes(cases, measure.built) if args.profile else None
             cuda_peak = {}
             if device.type == "cuda":
-                for c in suite.cases:
+                for c in cases:
                     if c.mode == "train":
                         cuda_peak[c.label] = cuda_peak_memory_mb(c, args.dataset, args.configuration, args.plans,
                                                                  device, args.warmup)
@@ -364,8 +369,9 @@ def run(args) -> str:
             if user_results is not None:
                 os.environ["nnUNet_results"] = user_results
     command = "nnunet_mim benchmark " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["benchmark"] else sys.argv[1:])
-    section = render(args.suite, suite, times, memory, cuda_peak, command, device,
-                     describe(args.dataset, args.configuration, args.plans), scopes)
+    configurations = dict.fromkeys(c.configuration or args.configuration for c in cases)
+    networks = "; ".join(describe(args.dataset, name, args.plans) for name in configurations)
+    section = render(args.suite, suite, times, memory, cuda_peak, command, device, networks, scopes)
     print(section)
     if args.output:
         write_section(args.output, args.suite, section)
@@ -379,6 +385,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("-d", "--dataset", required=True)
     p.add_argument("-c", "--configuration", default="3d_fullres")
     p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.add_argument("--sac-vit-configuration", default="3d_sac_vit",
+                   help="SAC-ViT configuration of the cases that run on one (suites sac_vit, mim_baselines)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)

@@ -41,7 +41,7 @@ def unpatchify(patches: torch.Tensor, grid: Sequence[int], patch: Sequence[int],
 
 
 def token_mask_to_voxels(mask: torch.Tensor, grid: Sequence[int], patch: Sequence[int]) -> torch.Tensor:
-    """Token mask ``[B, N]`` -> voxel mask ``[B, 1, D, H, W]``."""
+    """Token mask (or any per-token values) ``[B, N]`` -> voxel mask ``[B, 1, D, H, W]`` (nearest)."""
     m = mask.reshape(mask.shape[0], 1, *grid)
     for axis, p in enumerate(patch):
         m = m.repeat_interleave(int(p), axis + 2)

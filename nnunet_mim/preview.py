@@ -66,10 +66,34 @@ def save_volume_panels(path: str, columns: Sequence[tuple[str, np.ndarray, str]]
                     ax.set_title(name)
         for row in range(3):
             axes[row, 0].set_ylabel(f"axis {row}")
-        if title:
-            fig.suptitle(title)
-        fig.tight_layout()
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
+        return _save_figure(fig, path, title)
+
+
+def save_codebook_usage(path: str, counts: np.ndarray, mean_probs: np.ndarray, title: str = "") -> str:
+    """Codebook utilisation (Zhang et al. 2023 / PUMIT Fig. 3): per code, % of tokens whose argmax it is, and its
+    mean probability, both sorted, log scale."""
+    k = len(counts)
+    usage = 100.0 * counts / max(counts.sum(), 1)
+    with plt.style.context("default"):
+        fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+        axes[0].bar(np.arange(k), np.sort(usage)[::-1], width=1.0)
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel(f"code (sorted), {int((counts > 0).sum())}/{k} used")
+        axes[0].set_ylabel("argmax usage (% of tokens)")
+        axes[1].bar(np.arange(k), np.sort(100.0 * mean_probs)[::-1], width=1.0, color="tab:orange")
+        axes[1].set_yscale("log")
+        axes[1].axhline(100.0 / k, color="k", ls="--", lw=1, label="uniform")
+        axes[1].set_xlabel("code (sorted)")
+        axes[1].set_ylabel("mean probability (%)")
+        axes[1].legend()
+        return _save_figure(fig, path, title)
+
+
+def _save_figure(fig, path: str, title: str) -> str:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
     return path

@@ -74,6 +74,16 @@ class PerIterationLR:
         self.lr_scheduler.step_iteration(self.current_epoch, self._iteration_in_epoch)
         self._iteration_in_epoch += 1
 
+    @property
+    def total_iterations(self) -> int:
+        return self.num_epochs * self.num_iterations_per_epoch
+
+    def warmup_cosine_schedule(self, optimizer: torch.optim.Optimizer, warmup_steps: int) -> FunctionalLRSchedule:
+        """Linear warmup to ``initial_lr`` then cosine to 0 at the end of the run, stepped per iteration."""
+        schedule = partial(warmup_cosine, total_steps=self.total_iterations, warmup_steps=warmup_steps,
+                           peak_lr=self.initial_lr)
+        return FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
+
 
 class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
     """Base of the self-supervised pretrainers: nnU-Net's data pipeline and checkpoints, our losses.
@@ -114,10 +124,11 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
-        total = self.num_epochs * self.num_iterations_per_epoch
-        warmup = min(self.warmup_iterations, max(1, total // 10))
-        schedule = partial(warmup_cosine, total_steps=total, warmup_steps=warmup, peak_lr=self.initial_lr)
-        return optimizer, FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
+        return optimizer, self.warmup_cosine_schedule(optimizer, self.pretraining_warmup_steps())
+
+    def pretraining_warmup_steps(self) -> int:
+        """``warmup_iterations``, capped at 10 % of a short run."""
+        return min(self.warmup_iterations, max(1, self.total_iterations // 10))
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("Pretraining: no segmentation validation (the network reconstructs images). "

@@ -8,12 +8,11 @@ speed comparison), and the Table 4 ablations ``_recOnly`` and ``_recPerception``
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_mim.hybridmim import HybridMIMModel
-from nnunet_mim.losses.contrastive import nt_xent
+from nnunet_mim.losses.contrastive import global_batch_size, nt_xent
 from nnunet_mim.losses.hybridmim import consistency_loss, count_loss, location_loss
 from nnunet_mim.losses.reconstruction import masked_mse
 from nnunet_mim.masking import apply_mask, count_and_location_labels, patch_mask_to_voxels, sample_two_level_mask
@@ -56,8 +55,7 @@ class HybridMIMPretrainer(MIMPretrainerBase):
 
     def initialize(self):
         super().initialize()
-        world = dist.get_world_size() if self.is_ddp else 1
-        if self.uses_contrast and self.batch_size * world < 2:
+        if self.uses_contrast and global_batch_size(self.batch_size) < 2:
             raise ValueError(
                 f"HybridMIM's contrastive term needs a global batch size >= 2 (negatives come from other samples); "
                 f"the plans give batch_size={self.configuration_manager.batch_size}. Raise 'batch_size' of "

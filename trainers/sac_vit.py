@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from functools import partial
 
 import numpy as np
 import torch
@@ -31,7 +30,6 @@ from nnunet_mim.architectures.sac_vit import (
     is_sac_vit_configuration,
     load_eva02_2d_weights,
 )
-from nnunet_mim.schedules import FunctionalLRSchedule, warmup_cosine
 from nnunet_mim.trainers.base import BudgetFromEnvironment, MIMPretrainerBase, PerIterationLR
 from nnunet_mim.weights import load_pretrained_weights_safely
 
@@ -200,10 +198,8 @@ class nnUNetTrainerSACViT(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
     def configure_optimizers(self):
         groups = sac_vit_param_groups(_unwrap(self.network), self.weight_decay, self.layer_decay)
         optimizer = make_adamw(groups, self.initial_lr)
-        total = self.num_epochs * self.num_iterations_per_epoch
-        schedule = partial(warmup_cosine, total_steps=total, warmup_steps=max(1, int(self.warmup_fraction * total)),
-                           peak_lr=self.initial_lr)
-        return optimizer, FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
+        warmup = max(1, int(self.warmup_fraction * self.total_iterations))
+        return optimizer, self.warmup_cosine_schedule(optimizer, warmup)
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's step with per-iteration lr and this trainer's gradient-clipping norm."""
@@ -289,10 +285,7 @@ class SACViTPretrainerBase(MIMPretrainerBase):
     def configure_optimizers(self):
         groups = sac_vit_param_groups(self.mim_model, self.weight_decay)
         optimizer = make_adamw(groups, self.initial_lr)
-        total = self.num_epochs * self.num_iterations_per_epoch
-        warmup = min(self.warmup_iterations, max(1, total // 10))
-        schedule = partial(warmup_cosine, total_steps=total, warmup_steps=warmup, peak_lr=self.initial_lr)
-        return optimizer, FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
+        return optimizer, self.warmup_cosine_schedule(optimizer, self.pretraining_warmup_steps())
 
     def on_validation_epoch_start(self):
         self._preview_batch = None

@@ -10,13 +10,12 @@ shared with HybridMIM; negatives gathered across DDP ranks), temperature 0.5.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 from torch.profiler import record_function
 
 from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
-from nnunet_mim.losses.contrastive import nt_xent
+from nnunet_mim.losses.contrastive import global_batch_size, nt_xent
 from nnunet_mim.trainers.sac_vit import SACViTPretrainerBase
 from nnunet_mim.preview import save_volume_panels
 
@@ -78,8 +77,7 @@ class SimCLRPretrainer(SACViTPretrainerBase):
 
     def initialize(self):
         super().initialize()
-        world = dist.get_world_size() if self.is_ddp else 1
-        if self.batch_size * world < 2:
+        if global_batch_size(self.batch_size) < 2:
             raise ValueError(f"SimCLR needs a global batch size >= 2 (negatives are the other samples); the plans give "
                              f"batch_size={self.configuration_manager.batch_size}. Raise it (`nnunet_mim add-config "
                              f"sac-vit ... --batch-size 2`).")

@@ -12,7 +12,6 @@ See documentation/swin.md.
 from __future__ import annotations
 
 import pydoc
-from functools import partial
 
 import numpy as np
 import torch
@@ -23,7 +22,6 @@ from torch import nn
 
 from nnunet_mim.architectures.swin_unetr import SwinUNETR, check_swin_patch_size
 from nnunet_mim.hybridmim import HybridMIMModel
-from nnunet_mim.schedules import FunctionalLRSchedule, warmup_cosine
 from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR
 from nnunet_mim.trainers.finetune import route_pretrained_weights_through_safe_loader
 from nnunet_mim.trainers.hybridmim import HybridMIMPretrainer
@@ -71,10 +69,8 @@ class nnUNetTrainerSwinUNETR(BudgetFromEnvironment, PerIterationLR, nnUNetTraine
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
-        total = self.num_epochs * self.num_iterations_per_epoch
-        schedule = partial(warmup_cosine, total_steps=total, warmup_steps=max(1, int(self.warmup_fraction * total)),
-                           peak_lr=self.initial_lr)
-        return optimizer, FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
+        warmup = max(1, int(self.warmup_fraction * self.total_iterations))
+        return optimizer, self.warmup_cosine_schedule(optimizer, warmup)
 
     def train_step(self, batch: dict) -> dict:
         self.step_lr()

@@ -14,47 +14,42 @@ from __future__ import annotations
 
 import math
 import os
-from functools import partial
 
-import matplotlib
+import numpy as np
+import torch
+import torch.distributed as dist
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.paths import nnUNet_results
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from timm.layers import trunc_normal_
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+from torch.profiler import record_function
 
-matplotlib.use("agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from batchgenerators.utilities.file_and_folder_operations import join  # noqa: E402
-from nnunetv2.paths import nnUNet_results  # noqa: E402
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager  # noqa: E402
-from timm.layers import trunc_normal_  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.func import functional_call  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-from torch.profiler import record_function  # noqa: E402
-
-from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg  # noqa: E402
-from nnunet_mim.architectures.tokenizer import SACPatchDiscriminator, TokenizerConfig, VisualTokenizer  # noqa: E402
-from nnunet_mim.losses.gan import (  # noqa: E402
+from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
+from nnunet_mim.architectures.tokenizer import SACPatchDiscriminator, TokenizerConfig, VisualTokenizer
+from nnunet_mim.losses.gan import (
     build_perceptual_loss,
     generator_adversarial_loss,
     hinge_discriminator_loss,
     sample_slices,
     update_gan_gate,
 )
-from nnunet_mim.losses.tokens import entropy, prior_regularization, soft_cross_entropy  # noqa: E402
-from nnunet_mim.masking import random_token_mask  # noqa: E402
-from nnunet_mim.preview import save_volume_panels  # noqa: E402
-from nnunet_mim.sac import degree_of_anisotropy, sac_token_size  # noqa: E402
-from nnunet_mim.schedules import FunctionalLRSchedule, warmup_cosine  # noqa: E402
-from nnunet_mim.trainers.base import MIMPretrainerBase  # noqa: E402
-from nnunet_mim.trainers.sac_vit import (  # noqa: E402
+from nnunet_mim.losses.tokens import entropy, prior_regularization, soft_cross_entropy
+from nnunet_mim.masking import random_token_mask
+from nnunet_mim.patches import token_mask_to_voxels
+from nnunet_mim.preview import save_codebook_usage, save_volume_panels
+from nnunet_mim.sac import degree_of_anisotropy, sac_token_size
+from nnunet_mim.trainers.base import MIMPretrainerBase
+from nnunet_mim.trainers.sac_vit import (
     NO_WEIGHT_DECAY_NAMES,
     SACViTPretrainerBase,
     _unwrap,
     build_sac_vit_seg,
     make_adamw,
 )
-from nnunet_mim.weights import load_checkpoint, state_dict_of  # noqa: E402
+from nnunet_mim.weights import load_checkpoint, state_dict_of
 
 TOKENIZER_ENV = "nnUNet_mim_tokenizer"
 TOKENIZER_TRAINER = "VisualTokenizerTrainer"
@@ -65,40 +60,7 @@ TOKENIZER_TRAINER = "VisualTokenizerTrainer"
 # ================================================================================================================
 def tokens_to_voxels(values: torch.Tensor, grid, token_size) -> np.ndarray:
     """``[N]`` per-token values (raster order) -> a voxel volume (nearest)."""
-    v = values.detach().float().cpu().reshape(*grid)
-    for axis, t in enumerate(token_size):
-        v = v.repeat_interleave(int(t), axis)
-    return v.numpy()
-
-
-def save_codebook_usage(path: str, counts: np.ndarray, mean_probs: np.ndarray, title: str = "") -> str:
-    """Codebook utilisation (Zhang et al. 2023 / PUMIT Fig. 3): per code, % of tokens whose argmax it is, and its
-    mean probability, both sorted, log scale."""
-    with plt.style.context("default"):  # nnU-Net's progress plot sets a large seaborn font scale globally
-        return _save_codebook_usage(path, counts, mean_probs, title)
-
-
-def _save_codebook_usage(path: str, counts: np.ndarray, mean_probs: np.ndarray, title: str) -> str:
-    k = len(counts)
-    usage = 100.0 * counts / max(counts.sum(), 1)
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    axes[0].bar(np.arange(k), np.sort(usage)[::-1], width=1.0)
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel(f"code (sorted), {int((counts > 0).sum())}/{k} used")
-    axes[0].set_ylabel("argmax usage (% of tokens)")
-    axes[1].bar(np.arange(k), np.sort(100.0 * mean_probs)[::-1], width=1.0, color="tab:orange")
-    axes[1].set_yscale("log")
-    axes[1].axhline(100.0 / k, color="k", ls="--", lw=1, label="uniform")
-    axes[1].set_xlabel("code (sorted)")
-    axes[1].set_ylabel("mean probability (%)")
-    axes[1].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return token_mask_to_voxels(values.detach().float().cpu()[None], grid, token_size)[0, 0].numpy()
 
 
 # ================================================================================================================
@@ -238,10 +200,7 @@ class VisualTokenizerTrainer(MIMPretrainerBase):
             groups[key]["params"].append(p)
         ordered = [groups[k] for k in sorted(groups, key=lambda k: (k[0] != "tokenizer", k[1]))]
         optimizer = make_adamw(ordered, self.initial_lr)
-        total = self.num_epochs * self.num_iterations_per_epoch
-        warmup = min(self.warmup_iterations, max(1, total // 10))
-        schedule = partial(warmup_cosine, total_steps=total, warmup_steps=warmup, peak_lr=self.initial_lr)
-        return optimizer, FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
+        return optimizer, self.warmup_cosine_schedule(optimizer, self.pretraining_warmup_steps())
 
     # ---- losses ----------------------------------------------------------------------------------
     def _gan_gate(self, disc_loss: torch.Tensor, training: bool) -> bool:

@@ -33,6 +33,7 @@ setup(
         "acvl-utils>=0.2",
         "SimpleITK>=2.2",
         "numpy>=1.24",
+        "scipy>=1.10",  # smooth elastic deformations of the offline datasets (nnunet_mim/data/variation.py)
         "matplotlib>=3.7",
         # MONAI: SwinUNETR and surface-distance metrics (HD95, ASSD); see documentation/deviations.md
         "monai>=1.5,<1.7",

@@ -14,8 +14,8 @@ setup(
     python_requires=">=3.10",
     packages=[
         "nnunet_mim",
-        "nnunet_mim.losses",
-        "nnunet_mim.data",
+        "nnunet_mim.core.losses",
+        "nnunet_mim.apps.data",
         "nnunet_mim.trainers",
         "nnunet_mim.architectures",
     ],
@@ -33,7 +33,7 @@ setup(
         "acvl-utils>=0.2",
         "SimpleITK>=2.2",
         "numpy>=1.24",
-        "scipy>=1.10",  # smooth elastic deformations of the offline datasets (nnunet_mim/data/variation.py)
+        "scipy>=1.10",  # smooth elastic deformations of the offline datasets (nnunet_mim/apps/data/variation.py)
         "matplotlib>=3.7",
         # MONAI: SwinUNETR and surface-distance metrics (HD95, ASSD); see documentation/deviations.md
         "monai>=1.5,<1.7",
@@ -43,5 +43,5 @@ setup(
     ],
     extras_require={"test": ["pytest>=7"], "data": ["nilearn>=0.10"]},
     package_data={"nnunet_mim": ["ext_trainers/*.py"]},
-    entry_points={"console_scripts": ["nnunet_mim=nnunet_mim.cli:main"]},
+    entry_points={"console_scripts": ["nnunet_mim=nnunet_mim.apps.cli:main"]},
 )

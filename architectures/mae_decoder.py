@@ -20,8 +20,8 @@ from timm.models.eva import EvaBlock
 from torch import nn
 
 from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
-from nnunet_mim.rope import PUMIT_ROPE_BASES, AdditiveRoPE3d
-from nnunet_mim.sac import resample_grid
+from nnunet_mim.core.rope import PUMIT_ROPE_BASES, AdditiveRoPE3d
+from nnunet_mim.core.sac import resample_grid
 
 __all__ = ["MAEDecoder", "MAENet", "SimMIMNet"]
 

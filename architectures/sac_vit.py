@@ -8,28 +8,23 @@
   convs / max-pooling with DA-adapted depth stride, section "Segmentation Experiments", EVA-02/ViTDet simple
   pyramid), a plain U-Net decoder and a full-resolution conv stem (official ``FullResAdapter``), nnU-Net deep
   supervision and ``.seg_layers.`` naming.
-* :func:`load_eva02_2d_weights` -- inflate EVA-02 2D weights from a local file (never downloads).
+EVA-02 2D weights: :mod:`nnunet_mim.nnunet.eva02_weights`; plans writers: :mod:`nnunet_mim.nnunet.sac_vit_plans`.
 
 See documentation/pumit.md for design decisions and deviations.
 """
 from __future__ import annotations
 
-import json
-import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from timm.layers import trunc_normal_
 from timm.models.eva import EvaBlock
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_mim.rope import PUMIT_ROPE_BASES, AdditiveRoPE3d
-from nnunet_mim.sac import (
+from nnunet_mim.core.rope import PUMIT_ROPE_BASES, AdditiveRoPE3d
+from nnunet_mim.core.sac import (
     SACConv3d,
     SACConvTranspose3d,
     SACMaxPool3d,
@@ -55,17 +50,9 @@ __all__ = [
     "sac_vit_l",
     "sac_vit_arch_kwargs",
     "SAC_VIT_NETWORK_CLASS",
-    "round_patch_to_tokens",
-    "sac_vit_configuration",
-    "add_sac_vit_configuration",
-    "is_sac_vit_configuration",
     "SACViTPretrainNet",
-    "LoadReport",
-    "convert_eva02_2d_state_dict",
-    "load_eva02_2d_weights",
 ]
 
-logger = logging.getLogger(__name__)
 
 #: in-plane token size of the SAC patch embedding (paper: 16)
 TOKEN_SIZE = 16
@@ -519,91 +506,6 @@ def sac_vit_arch_kwargs(
 SAC_VIT_NETWORK_CLASS = f"{__name__}.SACViTSeg"
 
 
-def round_patch_to_tokens(patch_size: Sequence[int], da: int, min_tokens: int = 2) -> list[int]:
-    """Nearest multiple of the token size ``(16 >> DA, 16, 16)`` per axis (ties round up, at least one token per
-    axis); grows the last axis by one token if the patch would hold fewer than ``min_tokens`` tokens.
-
-    Nearest rather than up keeps the patch (and memory) close to what nnU-Net planned for the GPU budget.
-    """
-    token = sac_token_size(da, TOKEN_SIZE)
-    out = [max(t, int(math.floor(p / t + 0.5)) * t) for p, t in zip(patch_size, token)]
-    if math.prod(o // t for o, t in zip(out, token)) < min_tokens:
-        out[-1] += token[-1]
-    return out
-
-
-def sac_vit_configuration(
-    parent_config: dict,
-    size: str = "B",
-    patch_size: Sequence[int] | None = None,
-    batch_size: int | None = None,
-    **arch_overrides,
-) -> dict:
-    """Configuration overrides (``patch_size``, ``batch_size``, ``architecture``) that turn a resolved nnU-Net
-    configuration (e.g. ``3d_fullres``) into a SAC-ViT one on the same preprocessed data.
-
-    DA comes from the parent's ``spacing`` (the plan's target spacing); the patch (parent's unless given) is rounded to
-    the token size with :func:`round_patch_to_tokens`. ``arch_overrides`` go to :func:`sac_vit_arch_kwargs`
-    (``embed_dim``, ``depth``, ``num_heads``, ``decoder_channels``, ...). ``architecture`` is given whole, because
-    nnU-Net's configuration inheritance is a shallow update.
-    """
-    if size not in SAC_VIT_PRESETS:
-        raise ValueError(f"size must be one of {sorted(SAC_VIT_PRESETS)}, got {size!r}")
-    spacing = [float(s) for s in parent_config["spacing"]]
-    if len(spacing) != 3:
-        raise ValueError(f"SAC-ViT is a 3D network; the parent configuration has spacing {spacing}")
-    da = degree_of_anisotropy(spacing)
-    patch = round_patch_to_tokens(patch_size if patch_size is not None else parent_config["patch_size"], da)
-    arch_kwargs = json.loads(json.dumps(sac_vit_arch_kwargs(patch, spacing, size, **arch_overrides)))  # plans = JSON
-    return {
-        "patch_size": patch,
-        "batch_size": int(batch_size or parent_config["batch_size"]),
-        "architecture": {"network_class_name": SAC_VIT_NETWORK_CLASS, "arch_kwargs": arch_kwargs,
-                         "_kw_requires_import": []},
-    }
-
-
-def add_sac_vit_configuration(
-    dataset: str | int,
-    name: str = "3d_sac_vit",
-    parent: str = "3d_fullres",
-    plans_identifier: str = "nnUNetPlans",
-    size: str = "B",
-    patch_size: Sequence[int] | None = None,
-    batch_size: int | None = None,
-    **arch_overrides,
-) -> tuple[dict, str]:
-    """Add SAC-ViT configuration ``name`` inheriting ``parent`` to a dataset's plans (``nnunet_mim add-config
-    sac-vit``). Returns the resolved configuration and a one-paragraph description."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunet_mim.plans import add_configuration, plans_path
-
-    plans = PlansManager(plans_path(dataset, plans_identifier))
-    if parent not in plans.available_configurations:
-        raise KeyError(f"Configuration {parent!r} is not in the plans; available: {plans.available_configurations}")
-    parent_config = plans._internal_resolve_configuration_inheritance(parent)
-    overrides = sac_vit_configuration(parent_config, size, patch_size, batch_size, **arch_overrides)
-    add_configuration(dataset, name, overrides, parent, plans_identifier)
-    resolved = PlansManager(plans_path(dataset, plans_identifier))._internal_resolve_configuration_inheritance(name)
-    kw = resolved["architecture"]["arch_kwargs"]
-    da = degree_of_anisotropy(kw["spacing"])
-    grid = [p // t for p, t in zip(resolved["patch_size"], sac_token_size(da, TOKEN_SIZE))]
-    requested = list(patch_size) if patch_size is not None else parent_config["patch_size"]
-    label = f"SAC-ViT-{size}" + (f" with overrides {sorted(arch_overrides)}" if arch_overrides else "")
-    text = (f"{name}: {label} (embed {kw['embed_dim']}, depth {kw['depth']}, heads {kw['num_heads']}) "
-            f"inheriting {parent}; spacing {[round(s, 4) for s in kw['spacing']]} -> DA {da}, token "
-            f"{sac_token_size(da, TOKEN_SIZE)} voxels; patch {resolved['patch_size']} (requested {requested}) -> "
-            f"token grid {grid} = {math.prod(grid)} tokens; batch {resolved['batch_size']}; "
-            f"data {resolved['data_identifier']}")
-    return resolved, text
-
-
-def is_sac_vit_configuration(configuration_manager) -> bool:
-    """Whether an nnU-Net ``ConfigurationManager`` builds :class:`SACViTSeg`."""
-    return configuration_manager.network_arch_class_name.split(".")[-1] == "SACViTSeg"
-
-
 class SACViTPretrainNet(nn.Module):
     """Base of the SAC-ViT pretraining networks (token MIM, MAE, SimMIM, SimCLR).
 
@@ -661,132 +563,3 @@ def sac_vit_b(**kwargs) -> SACViTSeg:
 def sac_vit_l(**kwargs) -> SACViTSeg:
     """SAC-ViT-L: embed 1024, depth 24, heads 16 (EVA-02-L); default out_indices [7, 11, 15, 23]."""
     return _preset("L", kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# EVA-02 2D weights
-# ----------------------------------------------------------------------------------------------------------------
-class LoadReport(NamedTuple):
-    """Keys of the target encoder left at their initial values / checkpoint keys that were not used."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
-
-
-_EVA_RENAMES = (  # original EVA-02 (BEiT-style) names -> timm names (= ours)
-    (".mlp.w1.", ".mlp.fc1_g."),
-    (".mlp.w2.", ".mlp.fc1_x."),
-    (".mlp.w3.", ".mlp.fc2."),
-    (".mlp.ffn_ln.", ".mlp.norm."),
-    (".attn.inner_attn_ln.", ".attn.norm."),
-)
-_EVA_SKIP_PREFIXES = ("rope.", "lm_head.", "head.", "fc_norm.", "head_drop.")
-
-
-def _unwrap_state_dict(sd: dict) -> dict[str, torch.Tensor]:
-    for key in ("model_ema", "model", "module", "state_dict"):
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def _inflate_patch_kernel(w: torch.Tensor, target_shape: Sequence[int]) -> torch.Tensor:
-    """2D patch kernel ``[C, c2, p, p]`` -> ``[C, c, 16, 16, 16]``: bicubic resize, channels, depth repeat / 16.
-
-    Repeating along depth divided by the depth (PUMIT / Zhang et al. 2022 weight inflation) preserves the response
-    to depth-constant inputs; channel mismatch (e.g. RGB -> 1) uses PUMIT's ``sum over c2 / c`` repeated ``c`` times.
-    """
-    c_out, c_in, kd, kh, kw = target_shape
-    w = w.float()
-    if tuple(w.shape[2:]) != (kh, kw):
-        w = F.interpolate(w, size=(kh, kw), mode="bicubic", align_corners=False)
-    if w.shape[1] != c_in:
-        w = (w.sum(1, keepdim=True) / c_in).expand(-1, c_in, -1, -1)
-    return (w / kd).unsqueeze(2).expand(-1, -1, kd, -1, -1).contiguous()
-
-
-def _inflate_pos_embed(v: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """2D ``[1, (1 +) g*g, C]`` -> ``[1, C, D, H, W]`` (repeated along depth, resampled in-plane) and the cls part."""
-    n = v.shape[1]
-    g = math.isqrt(n)
-    if g * g == n:
-        cls_pos = None
-    else:
-        g = math.isqrt(n - 1)
-        if g * g != n - 1:
-            raise ValueError(f"2D pos_embed with {n} tokens is not a square grid (with or without a cls token)")
-        cls_pos, v = v[:, :1], v[:, 1:]
-    grid2d = v.float().reshape(1, g, g, -1).permute(0, 3, 1, 2).unsqueeze(2)  # [1, C, 1, g, g]
-    return resample_grid(grid2d, target.shape[2:]), cls_pos
-
-
-def convert_eva02_2d_state_dict(state_dict: dict, encoder: SACViT) -> dict[str, torch.Tensor]:
-    """Map an EVA-02 2D checkpoint (original EVA-02 or timm names) onto :class:`SACViT` keys, inflating 2D tensors.
-
-    Handled: ``patch_embed.proj.weight`` (14x14 -> 16x16 bicubic, RGB -> ``input_channels``, depth inflation),
-    ``pos_embed`` (cls part added to ``cls_token``; grid repeated along depth and resampled to ``pos_embed_grid``),
-    fused ``attn.qkv.weight`` split, ``q_bias`` / ``v_bias``, ``mlp.w1/w2/w3/ffn_ln``, ``attn.inner_attn_ln``.
-    Dropped: RoPE buffers, heads (``head``, ``lm_head``, ``fc_norm``). ``mask_token`` is kept if the encoder has one.
-    """
-    sd = _unwrap_state_dict(state_dict)
-    own = encoder.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    cls_pos = None
-    for k, v in sd.items():
-        if not isinstance(v, torch.Tensor) or k.startswith(_EVA_SKIP_PREFIXES) or ".rope." in k:
-            continue
-        for a, b in _EVA_RENAMES:
-            k = k.replace(a, b)
-        if k.endswith(".attn.q_bias") or k.endswith(".attn.v_bias"):
-            k = k[: -len("q_bias")] + k[-6] + "_proj.bias"
-        if k.endswith(".attn.qkv.weight"):
-            for name, part in zip("qkv", v.chunk(3, 0)):
-                out[k.replace(".qkv.", f".{name}_proj.")] = part
-            continue
-        if k == "patch_embed.proj.weight" and v.ndim == 4 and k in own:
-            v = _inflate_patch_kernel(v, own[k].shape)
-        elif k == "pos_embed" and v.ndim == 3:
-            v, cls_pos = _inflate_pos_embed(v, own["pos_embed"])
-        out[k] = v
-    if cls_pos is not None and "cls_token" in out:
-        out["cls_token"] = out["cls_token"] + cls_pos.to(out["cls_token"].dtype)
-    return out
-
-
-def load_eva02_2d_weights(model: SACViT | SACViTSeg, path: str | Path, verbose: bool = True) -> LoadReport:
-    """Initialise the SAC-ViT encoder of ``model`` from a local EVA-02 2D checkpoint (PUMIT "Implementation Details").
-
-    ``path``: ``.safetensors`` (needs the ``safetensors`` package) or a torch file read with ``weights_only=True``.
-    Never downloads. Returns the missing / unexpected keys (relative to the encoder); raises on shape mismatches.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"EVA-02 weights not found: {path}. This function never downloads; fetch the checkpoint yourself "
-            "(e.g. EVA-02 MIM eva02_B_pt_in21k_p14.pt or timm's eva02_base_patch14_224 weights) and pass its path."
-        )
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError(f"{path} is a .safetensors file; install the 'safetensors' package to read it") from e
-        state_dict = load_file(str(path), device="cpu")
-    else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    encoder = model.encoder if isinstance(model, SACViTSeg) else model
-    converted = convert_eva02_2d_state_dict(state_dict, encoder)
-    own = encoder.state_dict()
-    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-           for k, v in converted.items() if k in own and own[k].shape != v.shape]
-    if bad:
-        raise ValueError("EVA-02 weights do not fit this SAC-ViT (wrong size preset?):\n  " + "\n  ".join(bad))
-    result = encoder.load_state_dict(converted, strict=False)
-    report = LoadReport(list(result.missing_keys), list(result.unexpected_keys))
-    if verbose:
-        logger.warning(
-            "loaded EVA-02 2D weights from %s: %d tensors, missing %s, unexpected %s",
-            path, len(converted) - len(report.unexpected_keys), report.missing_keys, report.unexpected_keys,
-        )
-    return report

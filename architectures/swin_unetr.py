@@ -4,7 +4,7 @@ nnU-Net instantiates the class named in the plans as ``SwinUNETR(input_channels=
 deep_supervision=..., **arch_kwargs)``; ``nnunet_mim add-config swin`` writes such a configuration
 (documentation/swin.md). The wrapper builds MONAI's ``SwinUNETR`` (we do not re-implement Swin) and moves its
 modules into two children, following the dynamic-network-architectures U-Net convention that nnU-Net and
-:class:`nnunet_mim.hybridmim.HybridMIMModel` rely on:
+:class:`nnunet_mim.architectures.hybridmim.HybridMIMModel` rely on:
 
 * :class:`SwinUNETREncoder` -- MONAI's ``swinViT`` (patch embedding + 4 Swin stages with patch merging).
   ``encoder(x)`` returns ``[x, hs0, hs1, hs2, hs3, hs4]`` at strides 1, 2, 4, 8, 16, 32 (``strides``,
@@ -22,17 +22,13 @@ Patch merging: MONAI 1.5 changed ``downsample="merging"`` (the 0.9-1.4 layer con
 and two never; MONAI PR #8285). ``"mergingv2"`` (our default) is the standard Swin merging and means the same in
 every MONAI version; ``"merging_legacy"`` (:class:`LegacyPatchMerging`) reproduces the MONAI <= 1.4 layer, which
 NVIDIA's Swin-UNETR and HybridMIM's published Swin weights were trained with; ``"merging"`` is whatever the
-installed MONAI does. :func:`load_third_party_swin_weights` / ``python -m nnunet_mim.architectures.swin_unetr
-convert`` load such weights from a local file (``weights_only=True``; nothing is downloaded).
+installed MONAI does. :mod:`nnunet_mim.nnunet.swin_weights` / ``nnunet_mim convert-swin`` load such weights from a local file (``weights_only=True``; nothing is downloaded).
 """
 from __future__ import annotations
 
-import argparse
 import inspect
-import re
 import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -48,9 +44,6 @@ __all__ = [
     "check_swin_patch_size",
     "swin_patch_sizes_near",
     "build_monai_swin_unetr",
-    "convert_third_party_swin_state_dict",
-    "load_third_party_swin_weights",
-    "SwinLoadReport",
 ]
 
 #: per-stage strides of the skip list [input, patch embedding, stage 1..4] (patch merging halves every axis)
@@ -76,7 +69,7 @@ _MONAI_DEFAULTS = {
     "use_checkpoint": False,
     "use_v2": False,
 }
-_DECODER_BLOCKS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10",
+DECODER_BLOCKS = ("encoder1", "encoder2", "encoder3", "encoder4", "encoder10",
                    "decoder5", "decoder4", "decoder3", "decoder2", "decoder1")
 
 
@@ -222,7 +215,7 @@ class SwinUNETRDecoder(nn.Module):
 
     def __init__(self, monai_net: nn.Module, feature_size: int, num_classes: int, deep_supervision: bool = False):
         super().__init__()
-        for name in _DECODER_BLOCKS:
+        for name in DECODER_BLOCKS:
             self.add_module(name, getattr(monai_net, name))
         f = feature_size
         self.seg_layers = nn.ModuleList(nn.Conv3d(c, num_classes, 1, bias=True) for c in (8 * f, 4 * f, 2 * f, f, f))
@@ -289,145 +282,3 @@ class SwinUNETR(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.decoder(self.encoder(x))
 
-
-# ------------------------------------------------------------------------------------------ third-party weights
-class SwinLoadReport(NamedTuple):
-    loaded: list[str]  # our keys filled from the file
-    fresh: list[str]  # our keys the file does not have (left as initialised)
-    dropped: list[str]  # file keys with no place in the network (pretext heads, other shapes)
-    segmentation: list[str]  # our seg_layers keys (never loaded: num_classes differs)
-
-    def summary(self) -> str:
-        return (f"{len(self.loaded)} tensors loaded, {len(self.fresh)} left as initialised "
-                f"({_summarise(self.fresh)}), {len(self.dropped)} in the file unused ({_summarise(self.dropped)}), "
-                f"segmentation heads not loaded")
-
-
-def _summarise(keys: Sequence[str], n: int = 4) -> str:
-    tops = sorted({".".join(k.split(".")[:2]) for k in keys})
-    return ", ".join(tops[:n]) + (f", ... ({len(tops)} groups)" if len(tops) > n else "") if tops else "none"
-
-
-_WRAPPERS = ("module.", "_orig_mod.", "model.")
-
-
-def convert_third_party_swin_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a MONAI-style SwinUNETR / Swin-ViT state_dict to this wrapper's keys.
-
-    Understands (after stripping ``module.``): a full MONAI ``SwinUNETR`` state_dict (``swinViT.*``,
-    ``encoder1.*`` ... ``out.*``; HybridMIM's pretraining checkpoints add heads that are dropped), and the
-    Swin-UNETR self-supervised encoder (NVIDIA ``model_swinvit.pt``: ``patch_embed.*``, ``layers1.0.*`` with
-    ``mlp.fc1/fc2``, or ``swin_vit.*``). Keys it cannot place keep their name and are reported as unused.
-    """
-    out = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        for prefix in _WRAPPERS:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        key = key.replace("swin_vit.", "swinViT.")
-        key = re.sub(r"\.mlp\.fc([12])\.", lambda m: f".mlp.linear{m.group(1)}.", key)
-        if key.startswith(("patch_embed.", "layers1", "layers2", "layers3", "layers4", "pos_drop")):
-            key = "swinViT." + key
-        head = key.split(".")[0]
-        if head == "swinViT":
-            key = "encoder." + key
-        elif head in _DECODER_BLOCKS:
-            key = "decoder." + key
-        elif key.startswith("out.conv.conv."):
-            key = "decoder.seg_layers.4." + key[len("out.conv.conv."):]
-        out[key] = value
-    return out
-
-
-def load_third_party_swin_weights(network: SwinUNETR, path: str, verbose: bool = True) -> SwinLoadReport:
-    """Load NVIDIA Swin-UNETR / HybridMIM / MONAI SwinUNETR weights from a *local* file into ``network``.
-
-    ``torch.load(weights_only=True)`` on the CPU (via :func:`nnunet_mim.weights.load_checkpoint`); nothing is
-    downloaded. Tensors whose key and shape match are copied; segmentation heads are never loaded. Those
-    weights were trained with MONAI <= 1.4's patch merging: build the network with
-    ``downsample="merging_legacy"`` (a warning says so otherwise).
-    """
-    from nnunet_mim.weights import load_checkpoint
-
-    checkpoint = load_checkpoint(path)
-    for key in ("state_dict", "network_weights", "model"):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    source = convert_third_party_swin_state_dict(checkpoint)
-    target = network.state_dict()
-    loaded, dropped, mismatched = [], [], []
-    for k, v in source.items():
-        if ".seg_layers." in k:
-            continue
-        if k not in target:
-            dropped.append(k)
-        elif tuple(target[k].shape) != tuple(v.shape):
-            mismatched.append(f"{k}: {tuple(v.shape)} in the file, {tuple(target[k].shape)} in the network")
-        else:
-            target[k] = v.to(target[k].dtype)
-            loaded.append(k)
-    if mismatched or not loaded:
-        raise ValueError(
-            f"{path} does not fit this SwinUNETR (feature_size={network.feature_size}, "
-            f"{network.encoder.output_channels[0]} input channel(s)): "
-            + (f"{len(mismatched)} tensors have another shape, e.g. {mismatched[:3]}. " if mismatched else
-               f"no tensor matches (unused keys, e.g. {dropped[:5]}). ")
-            + "Create the configuration with the checkpoint's feature size (`nnunet_mim add-config swin "
-              "--feature-size 48` for NVIDIA's and HybridMIM's weights) and the same input channels.")
-    segmentation = [k for k in target if ".seg_layers." in k]
-    fresh = [k for k in target if k not in loaded and k not in segmentation]
-    network.load_state_dict(target)
-    report = SwinLoadReport(loaded, fresh, dropped, segmentation)
-    if getattr(network, "downsample", None) != "merging_legacy" and any(".downsample." in k for k in loaded):
-        warnings.warn(f"{path}: third-party Swin weights (NVIDIA, HybridMIM) were trained with MONAI <= 1.4's patch "
-                      f"merging, but this network uses downsample={network.downsample!r}: the merging layers "
-                      f"will mix other sub-voxels than in training. Create the configuration with "
-                      f"`nnunet_mim add-config swin ... --downsample merging_legacy`.", stacklevel=2)
-    if verbose:
-        print(f"Third-party Swin weights {path}: {report.summary()}")
-    return report
-
-
-def _convert_main(argv: Sequence[str] | None = None) -> None:
-    """``python -m nnunet_mim.architectures.swin_unetr convert IN OUT -d D -c 3d_swin``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m nnunet_mim.architectures.swin_unetr",
-        description="Turn a local third-party SwinUNETR checkpoint (NVIDIA Swin-UNETR SSL, HybridMIM, MONAI) into "
-                    "a -pretrained_weights file for a planned Swin configuration. Keys the file lacks (e.g. the "
-                    "decoder of an encoder-only checkpoint) keep the fresh initialisation of the target network.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert")
-    p.add_argument("input")
-    p.add_argument("output")
-    p.add_argument("-d", "--dataset", required=True)
-    p.add_argument("-c", "--configuration", default="3d_swin")
-    p.add_argument("-p", "--plans", default="nnUNetPlans")
-    args = parser.parse_args(argv)
-
-    from nnunet_mim.cli import build_network_for
-
-    network = build_network_for(args.dataset, args.configuration, args.plans)
-    if not isinstance(network, SwinUNETR):
-        raise SystemExit(f"Configuration {args.configuration!r} is not a SwinUNETR configuration "
-                         f"({type(network).__name__}); create one with `nnunet_mim add-config swin`.")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        report = load_third_party_swin_weights(network, args.input)
-    for w in caught:
-        print(f"WARNING: {w.message}")
-    torch.save({"network_weights": network.state_dict(), "source": args.input}, args.output)
-    print(f"Wrote {args.output}; finetune with nnUNetv2_train {args.dataset} {args.configuration} FOLD "
-          f"-tr nnUNetTrainerSwinUNETR -pretrained_weights {args.output}")
-    if report.fresh:
-        print(f"Note: {len(report.fresh)} tensors are not in {args.input} and start from scratch.")
-
-
-if __name__ == "__main__":
-    # run the package module's copy: under `python -m` this file is `__main__`, whose classes are not the ones
-    # that nnU-Net's pydoc.locate imports
-    from nnunet_mim.architectures.swin_unetr import _convert_main as main
-
-    main()

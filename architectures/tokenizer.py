@@ -11,7 +11,7 @@ Tokenizer Details"): SAC convolutional encoder / decoder with soft tokens, and t
 * :class:`SACPatchDiscriminator` -- 3 x (3x3x3 SAC conv stride 2 + GroupNorm + LeakyReLU), a 3x3x3 conv block and a
   3x3x3 conv to one logit per patch (official ``SimplePatchDiscriminator``).
 
-Everything is plain tensors + an ``int`` DA (see ``nnunet_mim/sac.py``). Intensities: nnU-Net's normalised image is
+Everything is plain tensors + an ``int`` DA (see ``nnunet_mim/core/sac.py``). Intensities: nnU-Net's normalised image is
 reconstructed as is (the official tokenizer sees ``2x - 1`` of [0, 1]-scaled RGB; documentation/pumit.md).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from nnunet_mim.architectures.sac_vit import TOKEN_SIZE, _SACSequential
-from nnunet_mim.sac import SACConv3d, SACConvTranspose3d, sac_token_size
+from nnunet_mim.core.sac import SACConv3d, SACConvTranspose3d, sac_token_size
 
 __all__ = [
     "TokenizerConfig",

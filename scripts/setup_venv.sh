@@ -6,5 +6,7 @@ VENV="${NNUNET_MIM_VENV:-.venv}"
 # PyTorch first, pinned: torch 2.14.1 + torchvision 0.29.1 (CUDA builds that also run on the CPU). PyPI's CPU-only
 # torch 2.13 does not work here: nnunetv2 pulls in timm -> torchvision, which then crashes beside it.
 "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
-# A regular (non-editable) install, exactly what users get; then the extras (pytest, nilearn).
-"$VENV/bin/pip" install -q --force-reinstall --no-deps . && "$VENV/bin/pip" install -q ".[test,data]"
+# An editable install of this checkout: Python imports the working tree (trainers/ and architectures/ as
+# nnunet_mim.trainers and nnunet_mim.architectures, from any folder), so tests and the demo run the code you see.
+# Users install the same package with a plain `pip install .`. Then the extras (pytest, nilearn).
+"$VENV/bin/pip" install -q --no-deps -e . && "$VENV/bin/pip" install -q -e ".[test,data]"

@@ -1,4 +1,4 @@
-"""Tests for the offline real-scan dataset builders (nnunet_mim.data). Fast, CPU, no network.
+"""Tests for the offline real-scan dataset builders (nnunet_mim.apps.data). Fast, CPU, no network.
 
 The MNI152 tests need only the nilearn wheel. Tests needing the Debian package mricron-data skip when it is
 not found; run them with NNUNET_MIM_MRICRON_DIR=<...>/usr/share/mricron/templates (or after
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_mim.data import builders, sources
-from nnunet_mim.data.builders import (build_deepgm_dataset, build_mni_tissue_dataset, build_unlabeled_pool,
+from nnunet_mim.apps.data import builders, sources
+from nnunet_mim.apps.data.builders import (build_deepgm_dataset, build_mni_tissue_dataset, build_unlabeled_pool,
                                       case_seeds)
 
 needs_nilearn = pytest.mark.skipif(not sources.nilearn_available(),

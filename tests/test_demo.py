@@ -3,7 +3,7 @@ import json
 
 from conftest import make_workspace
 
-from nnunet_mim.study import FIRST_STUDY_FOLD, label_fraction_splits
+from nnunet_mim.apps.study import FIRST_STUDY_FOLD, label_fraction_splits
 
 
 def test_demo_quick(tmp_path):

@@ -57,7 +57,7 @@ def test_stock_nnunet_loader_accepts_the_checkpoint(tiny_workspace, pretrained):
     """nnU-Net's own load_pretrained_weights (what plain `nnUNetTrainer -pretrained_weights` runs)."""
     code = f"""
 import torch
-from nnunet_mim.cli import build_network_for
+from nnunet_mim.nnunet.networks import build_network_for
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 net = build_network_for('{TINY_ID}', '{TINY_CONFIG}')
 load_pretrained_weights(net, '{pretrained}')

@@ -1,4 +1,4 @@
-"""Tests for nnunet_mim.evaluation on hand-made volumes with hand-computed Dice / HD95 / ASSD."""
+"""Tests for nnunet_mim.apps.evaluation on hand-made volumes with hand-computed Dice / HD95 / ASSD."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_mim.evaluation import add_parser, binary_metrics, evaluate_folders, load_labels_arg
+from nnunet_mim.apps.evaluation import add_parser, binary_metrics, evaluate_folders, load_labels_arg
 
 SPACING_XYZ = (0.7, 0.9, 2.5)  # anisotropic; array order (z, y, x) -> (2.5, 0.9, 0.7)
 

@@ -4,7 +4,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from torch import nn
 
-from nnunet_mim.hybridmim import HybridMIMModel
+from nnunet_mim.architectures.hybridmim import HybridMIMModel
 
 
 def _unet(cls=PlainConvUNet, out=1):
@@ -65,7 +65,7 @@ def _ddp_step(rank, world, port, queue):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from nnunet_mim.losses.contrastive import nt_xent
+    from nnunet_mim.core.losses.contrastive import nt_xent
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

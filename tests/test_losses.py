@@ -8,9 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nnunet_mim.losses.contrastive import nt_xent
-from nnunet_mim.losses.hybridmim import consistency_loss, count_loss, location_loss
-from nnunet_mim.losses.reconstruction import masked_l1, masked_mse
+from nnunet_mim.core.losses.contrastive import nt_xent
+from nnunet_mim.core.losses.hybridmim import consistency_loss, count_loss, location_loss
+from nnunet_mim.core.losses.reconstruction import masked_l1, masked_mse
 
 
 def test_masked_mse_counts_only_masked_voxels():

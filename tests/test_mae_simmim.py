@@ -9,8 +9,8 @@ import torch
 
 from nnunet_mim.architectures.mae_decoder import MAEDecoder, MAENet, SimMIMNet
 from nnunet_mim.architectures.sac_vit import SACViTSeg
-from nnunet_mim.patches import block_token_mask, mae_indices, patchify, token_mask_to_voxels, unpatchify
-from nnunet_mim.sac import sac_token_size
+from nnunet_mim.core.patches import block_token_mask, mae_indices, patchify, token_mask_to_voxels, unpatchify
+from nnunet_mim.core.sac import sac_token_size
 from nnunet_mim.trainers.mae import masked_patch_loss, normalized_patch_targets
 from nnunet_mim.trainers.simclr import SimCLRNet, simclr_view
 
@@ -143,7 +143,7 @@ def test_simclr_views_and_network():
     net = SimCLRNet(SACViTSeg(1, 2, (16, 32, 32), da=0, **TINY), projection_dim=16)
     z = net(torch.cat([v1, v2]))
     assert z.shape == (6, 16)
-    from nnunet_mim.losses.contrastive import nt_xent
+    from nnunet_mim.core.losses.contrastive import nt_xent
 
     nt_xent(z[:3], z[3:], 0.5).backward()
     assert all(p.grad is not None for p in net.mim_projector.parameters())

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nnunet_mim.masking import (apply_mask, count_and_location_labels, derive_grid, patch_mask_to_voxels,
+from nnunet_mim.core.masking import (apply_mask, count_and_location_labels, derive_grid, patch_mask_to_voxels,
                                 random_token_mask, sample_two_level_mask, subvolume_features)
 
 

@@ -3,8 +3,8 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from nnunet_mim.hybridmim import HybridMIMModel
-from nnunet_mim.regions import crop_skips, level_scales, region_box
+from nnunet_mim.architectures.hybridmim import HybridMIMModel
+from nnunet_mim.core.regions import crop_skips, level_scales, region_box
 
 
 def test_box_center_and_corner():

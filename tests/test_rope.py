@@ -7,7 +7,7 @@ import torch
 from timm.layers import RotaryEmbeddingCat
 from timm.models.eva import EvaAttention
 
-from nnunet_mim.rope import AdditiveRoPE3d, apply_rope, grid_positions, rope_frequencies
+from nnunet_mim.core.rope import AdditiveRoPE3d, apply_rope, grid_positions, rope_frequencies
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nnunet_mim.sac import (
+from nnunet_mim.core.sac import (
     SACConv3d,
     SACConvTranspose3d,
     SACMaxPool3d,

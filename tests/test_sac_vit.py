@@ -6,14 +6,13 @@ from timm.models.eva import Eva
 from nnunet_mim.architectures.sac_vit import (
     SACViT,
     SACViTSeg,
-    convert_eva02_2d_state_dict,
     default_out_indices,
-    load_eva02_2d_weights,
     sac_vit_arch_kwargs,
     sac_vit_b,
     sac_vit_l,
     sac_vit_s,
 )
+from nnunet_mim.nnunet.eva02_weights import convert_eva02_2d_state_dict, load_eva02_2d_weights
 
 TINY = dict(embed_dim=48, depth=4, num_heads=3, out_indices=[0, 1, 2, 3], decoder_channels=(4, 8, 8, 16, 16, 16))
 

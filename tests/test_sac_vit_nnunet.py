@@ -10,8 +10,9 @@ import SimpleITK as sitk
 import torch
 
 from conftest import TINY_DATASET as DATASET, TINY_ID, TINY_SAC_ARCH, TINY_SAC_CONFIG, TRAIN_BUDGET, fold_folder
-from nnunet_mim.architectures.sac_vit import SACViTSeg, round_patch_to_tokens, sac_vit_configuration
-from nnunet_mim.schedules import FunctionalLRSchedule
+from nnunet_mim.architectures.sac_vit import SACViTSeg
+from nnunet_mim.nnunet.sac_vit_plans import round_patch_to_tokens, sac_vit_configuration
+from nnunet_mim.core.schedules import FunctionalLRSchedule
 from nnunet_mim.trainers.sac_vit import sac_vit_param_groups, vit_layer_id
 
 SAC_CONFIG = TINY_SAC_CONFIG

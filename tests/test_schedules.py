@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nnunet_mim.schedules import FunctionalLRSchedule, warmup_cosine, warmup_poly
+from nnunet_mim.core.schedules import FunctionalLRSchedule, warmup_cosine, warmup_poly
 
 
 def test_warmup_cosine_shape():

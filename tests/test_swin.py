@@ -16,12 +16,12 @@ from nnunet_mim.architectures.swin_unetr import (
     SwinUNETR,
     build_monai_swin_unetr,
     check_swin_patch_size,
-    load_third_party_swin_weights,
 )
-from nnunet_mim.hybridmim import HybridMIMModel, add_feature_dropout, check_encoder_decoder_network
-from nnunet_mim.plans import SWIN_NETWORK_CLASS, swin_configuration
-from nnunet_mim.regions import crop_skips, level_scales, region_box
-from nnunet_mim.weights import compare_state_dicts
+from nnunet_mim.nnunet.swin_weights import load_third_party_swin_weights
+from nnunet_mim.architectures.hybridmim import HybridMIMModel, add_feature_dropout, check_encoder_decoder_network
+from nnunet_mim.nnunet.plans import SWIN_NETWORK_CLASS, swin_configuration
+from nnunet_mim.core.regions import crop_skips, level_scales, region_box
+from nnunet_mim.nnunet.weights import compare_state_dicts
 
 SMALL = dict(feature_size=12, window_size=4)
 STRIDES = [list(s) for s in SWIN_STRIDES]

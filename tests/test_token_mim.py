@@ -9,8 +9,8 @@ import torch
 
 from nnunet_mim.architectures.sac_vit import SACViTSeg
 from nnunet_mim.architectures.tokenizer import TokenizerConfig, VisualTokenizer
-from nnunet_mim.losses.tokens import masked_soft_cross_entropy, soft_cross_entropy
-from nnunet_mim.masking import random_token_mask
+from nnunet_mim.core.losses.tokens import masked_soft_cross_entropy, soft_cross_entropy
+from nnunet_mim.core.masking import random_token_mask
 from nnunet_mim.trainers.token_mim import TokenMIMNet
 
 TINY = dict(embed_dim=48, depth=4, num_heads=3, decoder_channels=(4, 8, 8, 16, 16, 16))

@@ -19,7 +19,7 @@ from nnunet_mim.architectures.tokenizer import (
     TokenizerConfig,
     VisualTokenizer,
 )
-from nnunet_mim.losses.gan import (
+from nnunet_mim.core.losses.gan import (
     IMAGENET_MEAN,
     build_perceptual_loss,
     generator_adversarial_loss,
@@ -28,7 +28,7 @@ from nnunet_mim.losses.gan import (
     update_gan_gate,
     vgg16_features,
 )
-from nnunet_mim.losses.tokens import entropy, kl_to_uniform, prior_regularization
+from nnunet_mim.core.losses.tokens import entropy, kl_to_uniform, prior_regularization
 from nnunet_mim.trainers.token_mim import (
     TOKENIZER_ENV,
     VisualTokenizerNet,

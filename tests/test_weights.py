@@ -7,7 +7,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from nnunet_mim.weights import (compare_state_dicts, format_report, load_checkpoint, load_pretrained_weights_safely,
+from nnunet_mim.nnunet.weights import (compare_state_dicts, format_report, load_checkpoint, load_pretrained_weights_safely,
                                 state_dict_of)
 
 

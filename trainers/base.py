@@ -23,8 +23,8 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch.profiler import record_function
 
-from nnunet_mim.progress import ComponentLocalLogger
-from nnunet_mim.schedules import FunctionalLRSchedule, warmup_cosine
+from nnunet_mim.nnunet.progress import ComponentLocalLogger
+from nnunet_mim.core.schedules import FunctionalLRSchedule, warmup_cosine
 
 BUDGET_VARIABLES = {
     "nnUNet_mim_epochs": "num_epochs",

@@ -10,7 +10,7 @@ layers start fresh). These variants add what pretrained weights want:
 - a safe ``-pretrained_weights``: nnU-Net 2.8's loader uses ``torch.load(weights_only=False)`` without
   ``map_location`` (a GPU checkpoint fails on a CPU machine, and a pickle can run code). On
   ``initialize()`` these trainers route nnU-Net's ``-pretrained_weights`` through
-  :func:`nnunet_mim.weights.load_pretrained_weights_safely`: ``weights_only=True`` on the CPU, and a
+  :func:`nnunet_mim.nnunet.weights.load_pretrained_weights_safely`: ``weights_only=True`` on the CPU, and a
   pre-flight report listing every missing key, shape or input-channel mismatch with the fix.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from functools import partial
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_mim.schedules import FunctionalLRSchedule, warmup_cosine, warmup_poly
+from nnunet_mim.core.schedules import FunctionalLRSchedule, warmup_cosine, warmup_poly
 from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR
-from nnunet_mim.weights import load_pretrained_weights_safely
+from nnunet_mim.nnunet.weights import load_pretrained_weights_safely
 
 
 def route_pretrained_weights_through_safe_loader() -> None:

@@ -11,12 +11,12 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_mim.hybridmim import HybridMIMModel
-from nnunet_mim.losses.contrastive import global_batch_size, nt_xent
-from nnunet_mim.losses.hybridmim import consistency_loss, count_loss, location_loss
-from nnunet_mim.losses.reconstruction import masked_mse
-from nnunet_mim.masking import apply_mask, count_and_location_labels, patch_mask_to_voxels, sample_two_level_mask
-from nnunet_mim.preview import save_reconstruction_preview
+from nnunet_mim.architectures.hybridmim import HybridMIMModel
+from nnunet_mim.core.losses.contrastive import global_batch_size, nt_xent
+from nnunet_mim.core.losses.hybridmim import consistency_loss, count_loss, location_loss
+from nnunet_mim.core.losses.reconstruction import masked_mse
+from nnunet_mim.core.masking import apply_mask, count_and_location_labels, patch_mask_to_voxels, sample_two_level_mask
+from nnunet_mim.nnunet.preview import save_reconstruction_preview
 from nnunet_mim.trainers.base import MIMPretrainerBase
 
 

@@ -19,9 +19,9 @@ from torch.profiler import record_function
 
 from nnunet_mim.architectures.mae_decoder import MAENet
 from nnunet_mim.architectures.sac_vit import SACViTSeg
-from nnunet_mim.losses.reconstruction import masked_l1, masked_mse
-from nnunet_mim.patches import block_token_mask, grid_of, mae_indices, patchify, token_mask_to_voxels, unpatchify
-from nnunet_mim.preview import save_reconstruction_preview
+from nnunet_mim.core.losses.reconstruction import masked_l1, masked_mse
+from nnunet_mim.core.patches import block_token_mask, grid_of, mae_indices, patchify, token_mask_to_voxels, unpatchify
+from nnunet_mim.nnunet.preview import save_reconstruction_preview
 from nnunet_mim.trainers.sac_vit import SACViTPretrainerBase
 
 

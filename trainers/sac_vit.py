@@ -24,14 +24,11 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 
-from nnunet_mim.architectures.sac_vit import (
-    SACViTPretrainNet,
-    SACViTSeg,
-    is_sac_vit_configuration,
-    load_eva02_2d_weights,
-)
+from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
+from nnunet_mim.nnunet.eva02_weights import load_eva02_2d_weights
+from nnunet_mim.nnunet.sac_vit_plans import is_sac_vit_configuration
 from nnunet_mim.trainers.base import BudgetFromEnvironment, MIMPretrainerBase, PerIterationLR
-from nnunet_mim.weights import load_pretrained_weights_safely
+from nnunet_mim.nnunet.weights import load_pretrained_weights_safely
 
 #: parameter names (last component) that never get weight decay, whatever their shape
 NO_WEIGHT_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")

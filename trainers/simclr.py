@@ -4,7 +4,7 @@
 
 Each sample of nnU-Net's (already augmented) batch gives two views: an independent random resized crop (volume
 fraction U(0.35, 1), resized back to the patch), random flips and a random intensity scale / shift / Gaussian noise.
-The encoder's mean patch token goes through a 2-layer projector; loss NT-Xent (``nnunet_mim.losses.contrastive``,
+The encoder's mean patch token goes through a 2-layer projector; loss NT-Xent (``nnunet_mim.core.losses.contrastive``,
 shared with HybridMIM; negatives gathered across DDP ranks), temperature 0.5.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from torch.nn import functional as F
 from torch.profiler import record_function
 
 from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
-from nnunet_mim.losses.contrastive import global_batch_size, nt_xent
+from nnunet_mim.core.losses.contrastive import global_batch_size, nt_xent
 from nnunet_mim.trainers.sac_vit import SACViTPretrainerBase
-from nnunet_mim.preview import save_volume_panels
+from nnunet_mim.nnunet.preview import save_volume_panels
 
 
 def random_resized_crop(x: torch.Tensor, volume_fraction: tuple[float, float] = (0.35, 1.0),

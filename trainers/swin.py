@@ -21,7 +21,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_mim.architectures.swin_unetr import SwinUNETR, check_swin_patch_size
-from nnunet_mim.hybridmim import HybridMIMModel
+from nnunet_mim.architectures.hybridmim import HybridMIMModel
 from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR
 from nnunet_mim.trainers.finetune import route_pretrained_weights_through_safe_loader
 from nnunet_mim.trainers.hybridmim import HybridMIMPretrainer
@@ -49,7 +49,7 @@ class nnUNetTrainerSwinUNETR(BudgetFromEnvironment, PerIterationLR, nnUNetTraine
     per iteration. nnU-Net's SGD at 1e-2 is not used: it is tuned for its CNNs and diverges or stalls with
     transformer blocks. Everything else is nnU-Net's (data, augmentation, loss, deep supervision at strides
     1..16, AMP on CUDA, gradient clipping at 12, checkpoints, ``--c``, validation, prediction).
-    ``-pretrained_weights`` goes through the safe loader and pre-flight report (:mod:`nnunet_mim.weights`).
+    ``-pretrained_weights`` goes through the safe loader and pre-flight report (:mod:`nnunet_mim.nnunet.weights`).
     """
 
     warmup_fraction: float = 0.05

@@ -29,18 +29,18 @@ from torch.profiler import record_function
 
 from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
 from nnunet_mim.architectures.tokenizer import SACPatchDiscriminator, TokenizerConfig, VisualTokenizer
-from nnunet_mim.losses.gan import (
+from nnunet_mim.core.losses.gan import (
     build_perceptual_loss,
     generator_adversarial_loss,
     hinge_discriminator_loss,
     sample_slices,
     update_gan_gate,
 )
-from nnunet_mim.losses.tokens import entropy, prior_regularization, soft_cross_entropy
-from nnunet_mim.masking import random_token_mask
-from nnunet_mim.patches import token_mask_to_voxels
-from nnunet_mim.preview import save_codebook_usage, save_volume_panels
-from nnunet_mim.sac import degree_of_anisotropy, sac_token_size
+from nnunet_mim.core.losses.tokens import entropy, prior_regularization, soft_cross_entropy
+from nnunet_mim.core.masking import random_token_mask
+from nnunet_mim.core.patches import token_mask_to_voxels
+from nnunet_mim.nnunet.preview import save_codebook_usage, save_volume_panels
+from nnunet_mim.core.sac import degree_of_anisotropy, sac_token_size
 from nnunet_mim.trainers.base import MIMPretrainerBase
 from nnunet_mim.trainers.sac_vit import (
     NO_WEIGHT_DECAY_NAMES,
@@ -49,7 +49,7 @@ from nnunet_mim.trainers.sac_vit import (
     build_sac_vit_seg,
     make_adamw,
 )
-from nnunet_mim.weights import load_checkpoint, state_dict_of
+from nnunet_mim.nnunet.weights import load_checkpoint, state_dict_of
 
 TOKENIZER_ENV = "nnUNet_mim_tokenizer"
 TOKENIZER_TRAINER = "VisualTokenizerTrainer"

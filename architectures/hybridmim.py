@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
 
-from nnunet_mim.masking import COUNT_CLASSES, LOCATIONS_PER_SUBVOLUME, TwoLevelGrid, derive_grid, subvolume_features
-from nnunet_mim.regions import RegionBox, crop_skips, level_scales, region_box
+from nnunet_mim.core.masking import COUNT_CLASSES, LOCATIONS_PER_SUBVOLUME, TwoLevelGrid, derive_grid, subvolume_features
+from nnunet_mim.core.regions import RegionBox, crop_skips, level_scales, region_box
 
 
 class HybridMIMHeads(nn.Module):

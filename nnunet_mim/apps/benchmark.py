@@ -141,7 +141,7 @@ def build_trainer(dataset: str, configuration: str, trainer_name: str, plans_ide
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    from nnunet_mim.plans import dataset_folder, plans_path
+    from nnunet_mim.nnunet.plans import dataset_folder, plans_path
 
     plans = load_json(plans_path(dataset, plans_identifier))
     plans["continue_training"] = False
@@ -247,7 +247,7 @@ def cuda_peak_memory_mb(case: Case, dataset: str, configuration: str, plans: str
     """CUDA allocator peak of a few steps of one case, measured in a fresh process."""
     probe = json.dumps({"case": case.__dict__, "dataset": dataset, "configuration": configuration,
                         "plans": plans, "device": str(device), "warmup": warmup})
-    out = subprocess.run([sys.executable, "-m", "nnunet_mim.benchmark", "--memory-probe", probe],
+    out = subprocess.run([sys.executable, "-m", "nnunet_mim.apps.benchmark", "--memory-probe", probe],
                          capture_output=True, text=True, env=os.environ.copy())
     match = re.search(r"PEAK_MB=([0-9.]+)", out.stdout)
     if not match:
@@ -347,7 +347,7 @@ def write_section(path: str, suite_name: str, section: str) -> None:
 def run(args) -> str:
     suite = SUITES[args.suite]
     device = torch.device(args.device)
-    from nnunet_mim.plans import describe
+    from nnunet_mim.nnunet.plans import describe
 
     cases = [replace(c, configuration=args.sac_vit_configuration) if c.configuration == "3d_sac_vit" else c
              for c in suite.cases]

@@ -28,7 +28,7 @@ def global_mean_distribution(probs: torch.Tensor) -> torch.Tensor:
     The other ranks' means enter as constants; the local tokens keep their gradient (PUMIT: "global mean with local
     gradient"). DDP then averages parameter gradients over the W ranks, which would leave this term's gradient 1/W
     of single-process training on the global batch, so the gradient (not the value) is scaled by W -- the same
-    correction as :func:`nnunet_mim.losses.contrastive.nt_xent`. Ranks are weighted equally (nnU-Net gives every
+    correction as :func:`nnunet_mim.core.losses.contrastive.nt_xent`. Ranks are weighted equally (nnU-Net gives every
     rank the same batch and patch size).
     """
     local = probs.reshape(-1, probs.shape[-1]).mean(0)

@@ -73,7 +73,7 @@ class Demo:
     # ---- plumbing ----------------------------------------------------------------------------------
     @property
     def env(self) -> dict:
-        from nnunet_mim.cli import ext_trainer_path
+        from nnunet_mim import ext_trainer_path
 
         return {**os.environ, "nnUNet_raw": str(self.root / "nnUNet_raw"),
                 "nnUNet_preprocessed": str(self.root / "nnUNet_preprocessed"),
@@ -118,7 +118,7 @@ class Demo:
         return summary
 
     def build_data(self) -> str:
-        from nnunet_mim.data.sources import mricron_available
+        from nnunet_mim.apps.data.sources import mricron_available
 
         s = self.s
         raw = self.root / "nnUNet_raw"
@@ -179,7 +179,7 @@ class Demo:
         return out
 
     def evaluate(self, target: str, runs: dict[str, Path]) -> dict:
-        from nnunet_mim.evaluation import evaluate_folders
+        from nnunet_mim.apps.evaluation import evaluate_folders
 
         ref = self.root / "nnUNet_raw" / target / "labelsTs"
         labels = json.loads((self.root / "nnUNet_raw" / target / "dataset.json").read_text())["labels"]

@@ -27,7 +27,7 @@ from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_mim.plans import dataset_folder, plans_path
+from nnunet_mim.nnunet.plans import dataset_folder, plans_path
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 

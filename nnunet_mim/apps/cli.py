@@ -7,6 +7,7 @@
     nnunet_mim add-config unet ...            nnU-Net's default U-Net re-planned for another patch size
     nnunet_mim import-unlabeled ...           unlabeled images -> pretraining dataset with a target's plans
     nnunet_mim check-weights ...              pre-flight check of a checkpoint against a target's network
+    nnunet_mim convert-swin ...               third-party SwinUNETR weights -> a -pretrained_weights file
     nnunet_mim build-data ...                 offline real-scan nnU-Net datasets (documentation/data.md)
     nnunet_mim evaluate ...                   Dice, HD95, ASSD of a prediction folder
     nnunet_mim demo / study / benchmark ...   the README demo, the label-efficiency study, step benchmarks
@@ -18,19 +19,14 @@ import os
 import sys
 
 
-def ext_trainer_path() -> str:
-    """Folder to put in ``nnUNet_extTrainer`` (holds only the trainer index module)."""
-    import nnunet_mim
-
-    return os.path.join(os.path.dirname(os.path.abspath(nnunet_mim.__file__)), "ext_trainers")
-
-
 def _ext_path(args) -> None:
+    from nnunet_mim import ext_trainer_path
+
     print(ext_trainer_path())
 
 
 def _add_config(args) -> None:
-    from nnunet_mim.plans import add_small_configuration, describe
+    from nnunet_mim.nnunet.plans import add_small_configuration, describe
 
     add_small_configuration(args.dataset, args.name, args.parent, args.plans, args.stages, tuple(args.features),
                             args.patch, args.batch_size)
@@ -38,7 +34,7 @@ def _add_config(args) -> None:
 
 
 def _add_sac_vit_config(args) -> None:
-    from nnunet_mim.architectures.sac_vit import add_sac_vit_configuration
+    from nnunet_mim.nnunet.sac_vit_plans import add_sac_vit_configuration
 
     overrides = {k: v for k, v in (("embed_dim", args.embed_dim), ("depth", args.depth),
                                    ("num_heads", args.num_heads), ("decoder_channels", args.decoder_channels))
@@ -51,7 +47,7 @@ def _add_sac_vit_config(args) -> None:
 
 
 def _add_swin_config(args) -> None:
-    from nnunet_mim.plans import add_swin_configuration
+    from nnunet_mim.nnunet.plans import add_swin_configuration
 
     try:
         config = add_swin_configuration(args.dataset, args.name, args.parent, args.plans, args.feature_size,
@@ -68,41 +64,22 @@ def _add_swin_config(args) -> None:
 
 
 def _add_unet_config(args) -> None:
-    from nnunet_mim.plans import add_unet_configuration, describe
+    from nnunet_mim.nnunet.plans import add_unet_configuration, describe
 
     add_unet_configuration(args.dataset, args.name, args.patch, args.parent, args.plans, args.batch_size)
     print("Added", describe(args.dataset, args.name, args.plans))
 
 
 def _import_unlabeled(args) -> None:
-    from nnunet_mim.unlabeled import import_unlabeled
+    from nnunet_mim.nnunet.unlabeled import import_unlabeled
 
     import_unlabeled(args.input, args.target, args.dataset_id, args.name, args.configurations, args.plans,
                      args.num_processes, args.overwrite)
 
 
-def build_network_for(dataset: str, configuration: str, plans_identifier: str = "nnUNetPlans",
-                      trainer: str = "nnUNetTrainer"):
-    """The segmentation network that ``nnUNetv2_train`` would build for this dataset/configuration/trainer."""
-    from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunet_mim.plans import dataset_folder, plans_path
-
-    plans_manager = PlansManager(plans_path(dataset, plans_identifier))
-    configuration_manager = plans_manager.get_configuration(configuration)
-    dataset_json = load_json(join(dataset_folder(dataset), "dataset.json"))
-    trainer_class = recursive_find_trainer_class_by_name(trainer)
-    return trainer_class.build_network_architecture(
-        plans_manager, configuration_manager,
-        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, False)
-
-
 def _check_weights(args) -> None:
-    from nnunet_mim.weights import compare_state_dicts, format_report, load_checkpoint, state_dict_of
+    from nnunet_mim.nnunet.networks import build_network_for
+    from nnunet_mim.nnunet.weights import compare_state_dicts, format_report, load_checkpoint, state_dict_of
 
     network = build_network_for(args.dataset, args.configuration, args.plans, args.trainer)
     report = compare_state_dicts(state_dict_of(load_checkpoint(args.checkpoint)), network)
@@ -112,7 +89,44 @@ def _check_weights(args) -> None:
     sys.exit(0 if ok else 1)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _convert_swin(args) -> None:
+    import warnings
+
+    import torch
+
+    from nnunet_mim.architectures.swin_unetr import SwinUNETR
+    from nnunet_mim.nnunet.networks import build_network_for
+    from nnunet_mim.nnunet.swin_weights import load_third_party_swin_weights
+
+    network = build_network_for(args.dataset, args.configuration, args.plans)
+    if not isinstance(network, SwinUNETR):
+        raise SystemExit(f"Configuration {args.configuration!r} is not a SwinUNETR configuration "
+                         f"({type(network).__name__}); create one with `nnunet_mim add-config swin`.")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = load_third_party_swin_weights(network, args.input)
+    for w in caught:
+        print(f"WARNING: {w.message}")
+    torch.save({"network_weights": network.state_dict(), "source": args.input}, args.output)
+    print(f"Wrote {args.output}; finetune with nnUNetv2_train {args.dataset} {args.configuration} FOLD "
+          f"-tr nnUNetTrainerSwinUNETR -pretrained_weights {args.output}")
+    if report.fresh:
+        print(f"Note: {len(report.fresh)} tensors are not in {args.input} and start from scratch.")
+
+
+#: subcommands defined by application modules, imported only when chosen (``ext-path`` must not import torch)
+LAZY_COMMANDS = {
+    "build-data": "nnunet_mim.apps.data.builders",
+    "evaluate": "nnunet_mim.apps.evaluation",
+    "demo": "nnunet_mim.apps.demo",
+    "study": "nnunet_mim.apps.study",
+    "probe": "nnunet_mim.apps.probe",
+    "benchmark": "nnunet_mim.apps.benchmark",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; of the application subcommands only ``command``'s module is imported (the others are listed)."""
     parser = argparse.ArgumentParser(prog="nnunet_mim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,16 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="trainer that will finetune (builds the net)")
     p.set_defaults(func=_check_weights)
 
-    from nnunet_mim import benchmark, demo, evaluation, study
-    from nnunet_mim.data import builders
+    p = sub.add_parser("convert-swin", help="third-party SwinUNETR weights (NVIDIA SSL, HybridMIM, MONAI) -> a "
+                                            "-pretrained_weights file for a Swin configuration",
+                       description="Keys the file lacks (e.g. the decoder of an encoder-only checkpoint) keep the "
+                                   "fresh initialisation of the target network. Reads the file with "
+                                   "weights_only=True; nothing is downloaded.")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("-d", "--dataset", required=True)
+    p.add_argument("-c", "--configuration", default="3d_swin")
+    p.add_argument("-p", "--plans", default="nnUNetPlans")
+    p.set_defaults(func=_convert_swin)
 
-    for module in (builders, evaluation, demo, study, benchmark):
-        module.add_parser(sub)
+    import importlib
+
+    for name, module in LAZY_COMMANDS.items():
+        if command == name:
+            importlib.import_module(module).add_parser(sub)
+        else:  # listed in --help, never parsed
+            sub.add_parser(name, help=f"see `nnunet_mim {name} -h`")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     args.func(args)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_mim.demo import Demo, DemoSettings
+from nnunet_mim.apps.demo import Demo, DemoSettings
 
 FIRST_STUDY_FOLD = 5
 
@@ -93,7 +93,7 @@ class LabelEfficiencyStudy(Demo):
         return out
 
     def evaluate_run(self, target: str, predictions: Path) -> dict:
-        from nnunet_mim.evaluation import evaluate_folders
+        from nnunet_mim.apps.evaluation import evaluate_folders
 
         raw = self.root / "nnUNet_raw" / target
         labels = json.loads((raw / "dataset.json").read_text())["labels"]
@@ -107,7 +107,7 @@ class LabelEfficiencyStudy(Demo):
         matplotlib.use("agg")
         import matplotlib.pyplot as plt
 
-        from nnunet_mim.benchmark import machine_description
+        from nnunet_mim.apps.benchmark import machine_description
 
         import torch
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nnunet_mim.masking import COUNT_CLASSES
+from nnunet_mim.core.masking import COUNT_CLASSES
 
 
 def count_loss(count_logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from nnunet_mim.masking import random_token_mask
+from nnunet_mim.core.masking import random_token_mask
 
 
 def grid_of(spatial_shape: Sequence[int], patch: Sequence[int]) -> tuple[int, int, int]:

@@ -23,9 +23,9 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_mim.data import sources
-from nnunet_mim.data.sources import MissingDataSourceError, Volume
-from nnunet_mim.data.variation import SimulatedCase, VariationConfig, get_preset, simulate_case
+from nnunet_mim.apps.data import sources
+from nnunet_mim.apps.data.sources import MissingDataSourceError, Volume
+from nnunet_mim.apps.data.variation import SimulatedCase, VariationConfig, get_preset, simulate_case
 
 # AAL names (aal.nii.txt) of the deep grey-matter structures, without the _L/_R suffix
 DEEPGM_STRUCTURES: tuple[str, ...] = ("Caudate", "Putamen", "Pallidum", "Thalamus", "Hippocampus", "Amygdala")

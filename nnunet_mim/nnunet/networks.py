@@ -1,0 +1,22 @@
+"""The network that ``nnUNetv2_train`` would build for a dataset, configuration and trainer."""
+from __future__ import annotations
+
+
+def build_network_for(dataset: str, configuration: str, plans_identifier: str = "nnUNetPlans",
+                      trainer: str = "nnUNetTrainer"):
+    """The segmentation network that ``nnUNetv2_train`` would build for this dataset/configuration/trainer."""
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_mim.nnunet.plans import dataset_folder, plans_path
+
+    plans_manager = PlansManager(plans_path(dataset, plans_identifier))
+    configuration_manager = plans_manager.get_configuration(configuration)
+    dataset_json = load_json(join(dataset_folder(dataset), "dataset.json"))
+    trainer_class = recursive_find_trainer_class_by_name(trainer)
+    return trainer_class.build_network_architecture(
+        plans_manager, configuration_manager,
+        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, False)

@@ -1,0 +1,104 @@
+"""SAC-ViT configurations in nnU-Net plans (``nnunet_mim add-config sac-vit``).
+
+A SAC-ViT configuration inherits a parent (``3d_fullres``) and so its preprocessed data; it names
+:class:`nnunet_mim.architectures.sac_vit.SACViTSeg` with :func:`~nnunet_mim.architectures.sac_vit.sac_vit_arch_kwargs`.
+The patch is rounded to whole tokens; DA comes from the parent's spacing.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+from nnunet_mim.architectures.sac_vit import (
+    SAC_VIT_NETWORK_CLASS,
+    SAC_VIT_PRESETS,
+    TOKEN_SIZE,
+    sac_vit_arch_kwargs,
+)
+from nnunet_mim.core.sac import degree_of_anisotropy, sac_token_size
+
+
+def round_patch_to_tokens(patch_size: Sequence[int], da: int, min_tokens: int = 2) -> list[int]:
+    """Nearest multiple of the token size ``(16 >> DA, 16, 16)`` per axis (ties round up, at least one token per
+    axis); grows the last axis by one token if the patch would hold fewer than ``min_tokens`` tokens.
+
+    Nearest rather than up keeps the patch (and memory) close to what nnU-Net planned for the GPU budget.
+    """
+    token = sac_token_size(da, TOKEN_SIZE)
+    out = [max(t, int(math.floor(p / t + 0.5)) * t) for p, t in zip(patch_size, token)]
+    if math.prod(o // t for o, t in zip(out, token)) < min_tokens:
+        out[-1] += token[-1]
+    return out
+
+
+def sac_vit_configuration(
+    parent_config: dict,
+    size: str = "B",
+    patch_size: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    **arch_overrides,
+) -> dict:
+    """Configuration overrides (``patch_size``, ``batch_size``, ``architecture``) that turn a resolved nnU-Net
+    configuration (e.g. ``3d_fullres``) into a SAC-ViT one on the same preprocessed data.
+
+    DA comes from the parent's ``spacing`` (the plan's target spacing); the patch (parent's unless given) is rounded to
+    the token size with :func:`round_patch_to_tokens`. ``arch_overrides`` go to :func:`sac_vit_arch_kwargs`
+    (``embed_dim``, ``depth``, ``num_heads``, ``decoder_channels``, ...). ``architecture`` is given whole, because
+    nnU-Net's configuration inheritance is a shallow update.
+    """
+    if size not in SAC_VIT_PRESETS:
+        raise ValueError(f"size must be one of {sorted(SAC_VIT_PRESETS)}, got {size!r}")
+    spacing = [float(s) for s in parent_config["spacing"]]
+    if len(spacing) != 3:
+        raise ValueError(f"SAC-ViT is a 3D network; the parent configuration has spacing {spacing}")
+    da = degree_of_anisotropy(spacing)
+    patch = round_patch_to_tokens(patch_size if patch_size is not None else parent_config["patch_size"], da)
+    arch_kwargs = json.loads(json.dumps(sac_vit_arch_kwargs(patch, spacing, size, **arch_overrides)))  # plans = JSON
+    return {
+        "patch_size": patch,
+        "batch_size": int(batch_size or parent_config["batch_size"]),
+        "architecture": {"network_class_name": SAC_VIT_NETWORK_CLASS, "arch_kwargs": arch_kwargs,
+                         "_kw_requires_import": []},
+    }
+
+
+def add_sac_vit_configuration(
+    dataset: str | int,
+    name: str = "3d_sac_vit",
+    parent: str = "3d_fullres",
+    plans_identifier: str = "nnUNetPlans",
+    size: str = "B",
+    patch_size: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    **arch_overrides,
+) -> tuple[dict, str]:
+    """Add SAC-ViT configuration ``name`` inheriting ``parent`` to a dataset's plans (``nnunet_mim add-config
+    sac-vit``). Returns the resolved configuration and a one-paragraph description."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_mim.nnunet.plans import add_configuration, plans_path
+
+    plans = PlansManager(plans_path(dataset, plans_identifier))
+    if parent not in plans.available_configurations:
+        raise KeyError(f"Configuration {parent!r} is not in the plans; available: {plans.available_configurations}")
+    parent_config = plans._internal_resolve_configuration_inheritance(parent)
+    overrides = sac_vit_configuration(parent_config, size, patch_size, batch_size, **arch_overrides)
+    add_configuration(dataset, name, overrides, parent, plans_identifier)
+    resolved = PlansManager(plans_path(dataset, plans_identifier))._internal_resolve_configuration_inheritance(name)
+    kw = resolved["architecture"]["arch_kwargs"]
+    da = degree_of_anisotropy(kw["spacing"])
+    grid = [p // t for p, t in zip(resolved["patch_size"], sac_token_size(da, TOKEN_SIZE))]
+    requested = list(patch_size) if patch_size is not None else parent_config["patch_size"]
+    label = f"SAC-ViT-{size}" + (f" with overrides {sorted(arch_overrides)}" if arch_overrides else "")
+    text = (f"{name}: {label} (embed {kw['embed_dim']}, depth {kw['depth']}, heads {kw['num_heads']}) "
+            f"inheriting {parent}; spacing {[round(s, 4) for s in kw['spacing']]} -> DA {da}, token "
+            f"{sac_token_size(da, TOKEN_SIZE)} voxels; patch {resolved['patch_size']} (requested {requested}) -> "
+            f"token grid {grid} = {math.prod(grid)} tokens; batch {resolved['batch_size']}; "
+            f"data {resolved['data_identifier']}")
+    return resolved, text
+
+
+def is_sac_vit_configuration(configuration_manager) -> bool:
+    """Whether an nnU-Net ``ConfigurationManager`` builds :class:`SACViTSeg`."""
+    return configuration_manager.network_arch_class_name.split(".")[-1] == "SACViTSeg"

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Install the offline data sources used by `nnunet_mim build-data` (nnunet_mim itself never downloads data):
 #   * Debian package mricron-data (Colin27 ch2, AAL atlas, INIA19 macaque T1). Skipped if already present in
-#     $NNUNET_MIM_MRICRON_DIR, /usr/share/mricron/templates or the cache dir. Otherwise `apt-get install` when
+#     $nnUNet_mim_mricron_dir (or $NNUNET_MIM_MRICRON_DIR), /usr/share/mricron/templates or the cache dir. Otherwise `apt-get install` when
 #     running as root, else (or if that fails) `apt-get download` + `dpkg-deb -x` into
-#     ${NNUNET_MIM_DATA_CACHE:-$HOME/.cache/nnunet_mim}/mricron-data (no root needed).
+#     ${nnUNet_mim_data_cache:-$HOME/.cache/nnunet_mim}/mricron-data (or $NNUNET_MIM_DATA_CACHE) (no root needed).
 #     NNUNET_MIM_USER_INSTALL=1 skips the system-wide install even as root (e.g. in shared containers).
 #   * PyPI package nilearn (MNI152 2009a T1/GM/WM ship inside the wheel) in the current Python environment.
 # Usage: bash scripts/install_data_sources.sh   (PYTHON=/path/to/python to choose the interpreter)
 set -euo pipefail
 
 PYTHON="${PYTHON:-python}"
-CACHE="${NNUNET_MIM_DATA_CACHE:-$HOME/.cache/nnunet_mim}"
+CACHE="${nnUNet_mim_data_cache:-${NNUNET_MIM_DATA_CACHE:-$HOME/.cache/nnunet_mim}}"
 CACHE_TEMPLATES="$CACHE/mricron-data/usr/share/mricron/templates"
 NEEDED=(ch2.nii.gz aal.nii.gz aal.nii.txt inia19-t1-brain.nii.gz)
 
@@ -22,12 +22,12 @@ has_templates() {
 
 install_mricron() {
     local d
-    for d in "${NNUNET_MIM_MRICRON_DIR:-}" /usr/share/mricron/templates "$CACHE_TEMPLATES"; do
+    for d in "${nnUNet_mim_mricron_dir:-${NNUNET_MIM_MRICRON_DIR:-}}" /usr/share/mricron/templates "$CACHE_TEMPLATES"; do
         if has_templates "$d"; then echo "mricron-data: found in $d"; return 0; fi
     done
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "mricron-data: apt-get not available; install the Debian package mricron-data by other means" \
-             "and set NNUNET_MIM_MRICRON_DIR to its templates folder" >&2
+             "and set nnUNet_mim_mricron_dir to its templates folder" >&2
         return 1
     fi
     if [ "$(id -u)" = "0" ] && [ "${NNUNET_MIM_USER_INSTALL:-0}" != "1" ]; then

@@ -22,11 +22,12 @@ def test_non_finite_loss_saves_a_resumable_checkpoint_and_stops(tmp_path):
 
 
 def test_budget_variables(monkeypatch):
-    trainer = SimpleNamespace(num_epochs=1000, num_iterations_per_epoch=250, print_to_log_file=lambda *a: None)
+    trainer = SimpleNamespace(num_epochs=1000, num_iterations_per_epoch=250, seed=None, local_rank=0,
+                              print_to_log_file=lambda *a: None)
     monkeypatch.setenv("nnUNet_mim_epochs", "3")
     monkeypatch.setenv("nnUNet_mim_iters", "5")
     BudgetFromEnvironment.apply_budget_from_environment(trainer)
     assert (trainer.num_epochs, trainer.num_iterations_per_epoch) == (3, 5)
     monkeypatch.setenv("nnUNet_mim_iters", "0")
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="nnUNet_mim_iters='0'.*positive integer"):
         BudgetFromEnvironment.apply_budget_from_environment(trainer)

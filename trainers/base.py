@@ -1,7 +1,7 @@
 """Shared machinery of nnunet_mim's trainers (small nnUNetTrainer subclasses).
 
 - :class:`BudgetFromEnvironment`: the ``nnUNet_mim_*`` environment variables shorten a run (demos, tests)
-  without a trainer variant per budget.
+  without a trainer variant per budget, and seed it.
 - :class:`MIMPretrainerBase`: loss-based validation that keeps nnU-Net's Dice bookkeeping intact, AdamW
   with per-iteration warmup + cosine, per-component loss logging and curves in progress.png,
   reconstruction previews, a NaN guard that saves a resumable checkpoint, and no final segmentation
@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 import math
-import os
 from functools import partial
 
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -23,9 +23,12 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch.profiler import record_function
 
+from nnunet_mim.nnunet import settings
 from nnunet_mim.nnunet.progress import ComponentLocalLogger
+from nnunet_mim.nnunet.seeding import derived_seed, seed_everything, seeded_augmenters
 from nnunet_mim.core.schedules import FunctionalLRSchedule, warmup_cosine
 
+#: budget variables (nnunet_mim.nnunet.settings) -> trainer attribute they override
 BUDGET_VARIABLES = {
     "nnUNet_mim_epochs": "num_epochs",
     "nnUNet_mim_iters": "num_iterations_per_epoch",
@@ -35,21 +38,35 @@ BUDGET_VARIABLES = {
 
 
 class BudgetFromEnvironment:
-    """Override the training length from ``nnUNet_mim_epochs``, ``nnUNet_mim_iters``,
-    ``nnUNet_mim_val_iters`` and ``nnUNet_mim_save_every`` (positive integers), when set.
+    """The run settings of the environment (:mod:`nnunet_mim.nnunet.settings`), applied at ``initialize()`` after
+    every ``__init__`` of a trainer variant has run:
 
-    Applied at ``initialize()``, after every ``__init__`` of a trainer variant has run.
+    - the budget: ``nnUNet_mim_epochs``, ``nnUNet_mim_iters``, ``nnUNet_mim_val_iters``, ``nnUNet_mim_save_every``
+      (positive integers) shorten a run (demos, tests, studies) without a trainer variant per budget;
+    - the seed: ``nnUNet_mim_seed`` (or the class attribute :attr:`seed`) seeds the network's initialisation, the
+      trainer's own draws, and the data-augmentation workers (:mod:`nnunet_mim.nnunet.seeding`).
     """
+
+    seed: int | None = None  # None: unseeded, like nnU-Net
 
     def apply_budget_from_environment(self) -> None:
         for variable, attribute in BUDGET_VARIABLES.items():
-            value = os.environ.get(variable)
-            if value is None or value == "":
-                continue
-            if not value.isdigit() or int(value) < 1:
-                raise ValueError(f"{variable} must be a positive integer, got {value!r}")
-            setattr(self, attribute, int(value))
-            self.print_to_log_file(f"{attribute} = {value} (from {variable})")
+            value = settings.read(variable)
+            if value is not None:
+                setattr(self, attribute, value)
+                self.print_to_log_file(f"{attribute} = {value} (from {variable})")
+        seed = settings.read("nnUNet_mim_seed")
+        if seed is not None:
+            self.seed = seed
+        if self.seed is not None:
+            seed_everything(derived_seed(self.seed, self.local_rank))
+            self.print_to_log_file(f"seed = {self.seed} (torch, numpy, random, data-augmentation workers)")
+
+    def get_dataloaders(self):
+        if self.seed is None:
+            return super().get_dataloaders()
+        with seeded_augmenters(nnunet_trainer_module, self.seed, self.local_rank):
+            return super().get_dataloaders()
 
 
 def mean_across_ranks(value: float) -> float:

@@ -13,7 +13,6 @@ U-Net decoder and heads 1).
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import defaultdict
 
@@ -25,6 +24,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 
 from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
+from nnunet_mim.nnunet import settings
 from nnunet_mim.nnunet.eva02_weights import load_eva02_2d_weights
 from nnunet_mim.nnunet.sac_vit_plans import is_sac_vit_configuration
 from nnunet_mim.trainers.base import BudgetFromEnvironment, MIMPretrainerBase, PerIterationLR
@@ -33,7 +33,7 @@ from nnunet_mim.nnunet.weights import load_pretrained_weights_safely
 #: parameter names (last component) that never get weight decay, whatever their shape
 NO_WEIGHT_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")
 #: optional EVA-02 2D checkpoint (local file, never downloaded) to initialise the SAC-ViT encoder from
-EVA02_WEIGHTS_ENV = "nnUNet_mim_eva02_weights"
+EVA02_WEIGHTS_ENV = settings.setting("nnUNet_mim_eva02_weights").name
 
 
 def maybe_load_eva02(trainer, network: nn.Module) -> None:
@@ -41,7 +41,7 @@ def maybe_load_eva02(trainer, network: nn.Module) -> None:
     2D-to-3D inflation by :func:`load_eva02_2d_weights` (``weights_only``), report in the training log. Unset: nothing
     happens; set to a missing file: ``FileNotFoundError``. ``-pretrained_weights`` and ``--c`` load afterwards and
     take precedence."""
-    path = os.environ.get(EVA02_WEIGHTS_ENV)
+    path = settings.read(EVA02_WEIGHTS_ENV)
     if not path:
         return
     report = load_eva02_2d_weights(_unwrap(network).encoder, path, verbose=False)

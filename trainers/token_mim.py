@@ -29,6 +29,7 @@ from torch.profiler import record_function
 
 from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
 from nnunet_mim.architectures.tokenizer import SACPatchDiscriminator, TokenizerConfig, VisualTokenizer
+from nnunet_mim.nnunet import settings
 from nnunet_mim.core.losses.gan import (
     build_perceptual_loss,
     generator_adversarial_loss,
@@ -51,7 +52,7 @@ from nnunet_mim.trainers.sac_vit import (
 )
 from nnunet_mim.nnunet.weights import load_checkpoint, state_dict_of
 
-TOKENIZER_ENV = "nnUNet_mim_tokenizer"
+TOKENIZER_ENV = settings.setting("nnUNet_mim_tokenizer").name
 TOKENIZER_TRAINER = "VisualTokenizerTrainer"
 
 
@@ -176,7 +177,8 @@ class VisualTokenizerTrainer(MIMPretrainerBase):
                 f"patch is rounded to the token size: `nnunet_mim add-config sac-vit -d {self.plans_manager.dataset_name}"
                 f"` then `nnUNetv2_train ... 3d_sac_vit all -tr {type(self).__name__}`.")
         super().initialize()
-        self.perceptual, self.perceptual_status = build_perceptual_loss()
+        self.perceptual, self.perceptual_status = build_perceptual_loss(settings.read("nnUNet_mim_vgg16_weights"),
+                                                                        settings.read("nnUNet_mim_lpips_weights"))
         if self.perceptual is not None:
             self.perceptual.to(self.device)
         c = self.net.tokenizer.config
@@ -316,7 +318,7 @@ def find_tokenizer_checkpoint(dataset_name: str, plans_name: str, configuration:
                               trainer: str = TOKENIZER_TRAINER) -> str:
     """Stage-1 checkpoint by convention (same dataset / plans / configuration, fold ``all``), or ``$nnUNet_mim_tokenizer``
     (a checkpoint file or a fold folder; ``random`` = untrained tokenizer, for benchmarks only)."""
-    override = os.environ.get(TOKENIZER_ENV)
+    override = settings.read(TOKENIZER_ENV)
     command = (f"nnUNetv2_train {dataset_name} {configuration} all -tr {trainer}"
                + ("" if plans_name == "nnUNetPlans" else f" -p {plans_name}"))
     if override:

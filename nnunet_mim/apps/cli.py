@@ -8,6 +8,7 @@
     nnunet_mim import-unlabeled ...           unlabeled images -> pretraining dataset with a target's plans
     nnunet_mim check-weights ...              pre-flight check of a checkpoint against a target's network
     nnunet_mim convert-swin ...               third-party SwinUNETR weights -> a -pretrained_weights file
+    nnunet_mim settings                       the environment variables nnunet_mim reads, and their values
     nnunet_mim build-data ...                 offline real-scan nnU-Net datasets (documentation/data.md)
     nnunet_mim evaluate ...                   Dice, HD95, ASSD of a prediction folder
     nnunet_mim demo / study / benchmark ...   the README demo, the label-efficiency study, step benchmarks
@@ -15,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -71,10 +71,14 @@ def _add_unet_config(args) -> None:
 
 
 def _import_unlabeled(args) -> None:
+    from nnunet_mim.nnunet import settings
+
+    num_processes = args.num_processes or settings.read("nnUNet_def_n_proc") or 8  # before nnU-Net reads it
+
     from nnunet_mim.nnunet.unlabeled import import_unlabeled
 
     import_unlabeled(args.input, args.target, args.dataset_id, args.name, args.configurations, args.plans,
-                     args.num_processes, args.overwrite)
+                     num_processes, args.overwrite)
 
 
 def _check_weights(args) -> None:
@@ -87,6 +91,18 @@ def _check_weights(args) -> None:
     ok = report.ok and not report.channel_mismatch
     print("OK: the checkpoint fits." if ok else "NOT compatible.")
     sys.exit(0 if ok else 1)
+
+
+def _settings(args) -> None:
+    from nnunet_mim.nnunet import settings
+
+    if args.markdown:
+        print(settings.markdown_table())
+        return
+    for s in settings.SETTINGS.values():
+        found = s.raw()
+        value = "(unset)" if found is None else f"{found[1]!r}" + (f" (from {found[0]})" if found[0] != s.name else "")
+        print(f"{s.name:<28} {value:<30} {s.meaning}")
 
 
 def _convert_swin(args) -> None:
@@ -193,7 +209,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-n", "--name", default=None, help="name of the new dataset (default <target>Unlabeled)")
     p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"])
     p.add_argument("-p", "--plans", default="nnUNetPlans")
-    p.add_argument("-np", "--num-processes", type=int, default=int(os.environ.get("nnUNet_def_n_proc", 1)))
+    p.add_argument("-np", "--num-processes", type=int, default=None,
+                   help="preprocessing processes (default: $nnUNet_def_n_proc, else 8, as nnU-Net's commands)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_import_unlabeled)
 
@@ -204,6 +221,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-p", "--plans", default="nnUNetPlans")
     p.add_argument("-tr", "--trainer", default="nnUNetTrainer", help="trainer that will finetune (builds the net)")
     p.set_defaults(func=_check_weights)
+
+    p = sub.add_parser("settings", help="the environment variables nnunet_mim reads, with their current values")
+    p.add_argument("--markdown", action="store_true", help="the README's table")
+    p.set_defaults(func=_settings)
 
     p = sub.add_parser("convert-swin", help="third-party SwinUNETR weights (NVIDIA SSL, HybridMIM, MONAI) -> a "
                                             "-pretrained_weights file for a Swin configuration",
@@ -231,7 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    args.func(args)
+    from nnunet_mim.nnunet.settings import SettingError
+
+    try:
+        args.func(args)
+    except SettingError as e:  # a malformed environment variable: say which and how to fix it, no traceback
+        raise SystemExit(f"nnunet_mim {command}: {e}") from None
 
 
 if __name__ == "__main__":

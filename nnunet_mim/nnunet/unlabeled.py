@@ -22,7 +22,6 @@ from typing import Sequence
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isdir, join, load_json, maybe_mkdir_p, save_json
-from nnunetv2.configuration import default_num_processes
 from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -87,7 +86,7 @@ def _preprocess_one(args) -> str:
 
 def import_unlabeled(images_folder: str, target_dataset: str | int, dataset_id: int, name: str | None = None,
                      configurations: Sequence[str] = ("3d_fullres",), plans_identifier: str = "nnUNetPlans",
-                     num_processes: int = default_num_processes, overwrite: bool = False) -> str:
+                     num_processes: int = 1, overwrite: bool = False) -> str:
     """Create ``DatasetXXX_<name>`` in nnUNet_preprocessed from ``images_folder`` with the target's plans.
 
     Returns the new dataset's name.

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-MRICRON_ENV_VAR = "NNUNET_MIM_MRICRON_DIR"
-CACHE_ENV_VAR = "NNUNET_MIM_DATA_CACHE"
+from nnunet_mim.nnunet import settings
+
+MRICRON_ENV_VAR = settings.setting("nnUNet_mim_mricron_dir").name
+CACHE_ENV_VAR = settings.setting("nnUNet_mim_data_cache").name
 SYSTEM_MRICRON_DIR = Path("/usr/share/mricron/templates")
 INSTALL_SCRIPT = "scripts/install_data_sources.sh"
 
@@ -68,14 +69,14 @@ SOURCES: dict[str, SourceSpec] = {
 
 def cache_dir() -> Path:
     """The user cache directory used by ``scripts/install_data_sources.sh``."""
-    return Path(os.environ.get(CACHE_ENV_VAR, str(Path.home() / ".cache" / "nnunet_mim")))
+    return Path(settings.read(CACHE_ENV_VAR) or str(Path.home() / ".cache" / "nnunet_mim"))
 
 
 def mricron_candidate_dirs() -> list[Path]:
     """Directories searched for mricron-data templates, in priority order."""
     dirs = []
-    if os.environ.get(MRICRON_ENV_VAR):
-        dirs.append(Path(os.environ[MRICRON_ENV_VAR]))
+    if settings.read(MRICRON_ENV_VAR):
+        dirs.append(Path(settings.read(MRICRON_ENV_VAR)))
     dirs.append(SYSTEM_MRICRON_DIR)
     dirs.append(cache_dir() / "mricron-data" / "usr" / "share" / "mricron" / "templates")
     return dirs

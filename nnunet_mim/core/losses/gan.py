@@ -27,8 +27,6 @@ VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
 LPIPS_TAPS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16.features
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)
 
-VGG16_WEIGHTS_ENV = "nnUNet_mim_vgg16_weights"
-LPIPS_WEIGHTS_ENV = "nnUNet_mim_lpips_weights"
 
 
 # ---------------------------------------------------------------------------------------------------- GAN
@@ -138,20 +136,20 @@ class LPIPSPerceptualLoss(nn.Module):
 
 def build_perceptual_loss(vgg16_path: str | None = None, lpips_path: str | None = None
                           ) -> tuple[LPIPSPerceptualLoss | None, str]:
-    """The perceptual loss from local files (defaults: env ``nnUNet_mim_vgg16_weights`` / ``nnUNet_mim_lpips_weights``)
-    and a one-line status for the training log. ``(None, reason)`` when no VGG16 file is given."""
-    vgg16_path = vgg16_path or os.environ.get(VGG16_WEIGHTS_ENV) or None
-    lpips_path = lpips_path or os.environ.get(LPIPS_WEIGHTS_ENV) or None
+    """The perceptual loss from local files (a torchvision ``vgg16`` state dict, optionally LPIPS lin weights) and
+    a one-line status for the training log. ``(None, reason)`` when no VGG16 file is given. Where the paths come
+    from (``nnUNet_mim_vgg16_weights`` / ``nnUNet_mim_lpips_weights``) is the trainer's business."""
     if vgg16_path is None:
-        return None, (f"perceptual loss OFF: it needs ImageNet VGG16 weights, which are never downloaded; set "
-                      f"{VGG16_WEIGHTS_ENV}=/path/to/vgg16.pth (torchvision vgg16 state dict) to enable it")
+        return None, ("perceptual loss OFF: it needs ImageNet VGG16 weights, which are never downloaded; set "
+                      "nnUNet_mim_vgg16_weights=/path/to/vgg16.pth (torchvision vgg16 state dict) to enable it")
     for p in (vgg16_path, lpips_path):
         if p is not None and not os.path.isfile(p):
-            raise FileNotFoundError(f"perceptual-loss weights not found: {p} (from {VGG16_WEIGHTS_ENV} / "
-                                    f"{LPIPS_WEIGHTS_ENV}); unset the variable to train without the perceptual loss")
+            raise FileNotFoundError(f"perceptual-loss weights not found: {p}; fix the path, or unset "
+                                    f"nnUNet_mim_vgg16_weights / nnUNet_mim_lpips_weights to train without the "
+                                    f"perceptual loss")
     module = LPIPSPerceptualLoss(_load_state(vgg16_path), _load_state(lpips_path) if lpips_path else None)
     lin = f"LPIPS lin weights {lpips_path}" if lpips_path else \
-        f"uniform channel weights (no LPIPS lin file; set {LPIPS_WEIGHTS_ENV} for calibrated LPIPS)"
+        "uniform channel weights (no LPIPS lin file; set nnUNet_mim_lpips_weights for calibrated LPIPS)"
     return module, f"perceptual loss ON: VGG16 {vgg16_path}, {lin}"
 
 

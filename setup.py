@@ -40,6 +40,7 @@ setup(
         # timm: EVA-02 blocks (SwiGLU, sub-LN attention) for SAC-ViT
         "timm>=1.0",
         "einops>=0.7",
+        "threadpoolctl>=3.1",  # one thread per data-augmentation worker of seeded runs (nnunet_mim/nnunet/seeding.py)
     ],
     extras_require={"test": ["pytest>=7"], "data": ["nilearn>=0.10"]},
     package_data={"nnunet_mim": ["ext_trainers/*.py"]},

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 #: numpy seeds must fit in 32 bits
 _SEED_SPACE = 2 ** 32
@@ -48,6 +49,10 @@ class SeededWorkerLoader:
         self.seeds = seeds
 
     def set_thread_id(self, thread_id: int) -> None:
+        # one thread per worker, as nnU-Net's own augmenter does: a forked child must not use the intra-op thread
+        # pool its parent may have started (OpenMP is not fork-safe; the worker would hang in its first torch op)
+        torch.set_num_threads(1)
+        threadpool_limits(1)
         seed_everything(self.seeds[thread_id])
         self.loader.set_thread_id(thread_id)
 

@@ -15,6 +15,39 @@ def test_box_center_and_corner():
     assert region_box((4, 6, 6), 1.0).start == (0, 0, 0)
 
 
+def test_box_start_and_size_on_3_cell_grid():
+    """96^3 at stride 32: 2 of 3 cells. Centring on the grid cannot be exact; the leftover cell goes before the box,
+    which is the official [32:96]^3 (the paper's "around the image center" as nearly as the grid allows)."""
+    centre = region_box((3, 3, 3))
+    assert centre.start == (1, 1, 1) and centre.size == (2, 2, 2)
+    assert centre.slices_at((32, 32, 32)) == (slice(32, 96),) * 3
+    corner = region_box((3, 3, 3), placement="corner")
+    assert corner.start == (1, 1, 1) and corner.size == (2, 2, 2)
+
+
+def test_box_start_and_size_on_4_cell_grid():
+    """128^3 at stride 32: round(4 * 2/3) = 3 cells (96 of 128 voxels), one leftover cell before the box."""
+    centre = region_box((4, 4, 4))
+    assert centre.start == (1, 1, 1) and centre.size == (3, 3, 3)
+    assert centre.slices_at((32, 32, 32)) == (slice(32, 128),) * 3
+    corner = region_box((4, 4, 4), placement="corner")
+    assert corner.start == (1, 1, 1) and corner.size == (3, 3, 3)
+
+
+def test_box_start_and_size_even_leftover_and_anisotropic_grid():
+    six = region_box((6, 6, 6))  # 96^3 at stride 16: 4 of 6 cells, exactly centred -> voxels [16:80]
+    assert six.start == (1, 1, 1) and six.size == (4, 4, 4) and six.slices_at((16, 16, 16))[0] == slice(16, 80)
+    assert region_box((6, 6, 6), placement="corner").start == (2, 2, 2)
+    twelve = region_box((12, 12, 12))  # HybridMIM's UNet bottleneck (stride 8): centred [2:10]; official [4:12]
+    assert twelve.start == (2, 2, 2) and twelve.size == (8, 8, 8)
+    mixed = region_box((1, 4, 3))  # one cell cannot shrink; per-axis rounding
+    assert mixed.start == (0, 1, 1) and mixed.size == (1, 3, 2)
+    assert region_box((1, 4, 3), placement="corner").start == (0, 1, 1)
+    wide = region_box((2, 5, 7))
+    assert wide.size == (1, 3, 5) and wide.start == (1, 1, 1)
+    assert region_box((2, 5, 7), placement="corner").start == (1, 2, 2)
+
+
 def test_level_scales_anisotropic():
     strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
     assert level_scales(strides) == [(4, 8, 8), (4, 4, 4), (2, 2, 2), (1, 1, 1)]

@@ -125,12 +125,25 @@ def test_supervised_train_resume_predict(tiny_workspace, sac_config):
     assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetSpacing(), ref.GetSpacing())
 
 
+def test_finetune_layer_decay_defaults():
+    """No layer-wise lr decay by default (PUMIT's paper and BTCV configuration use none); 0.75 is a variant."""
+    from nnunet_mim.trainers.sac_vit import (
+        nnUNetTrainerSACViTFinetune,
+        nnUNetTrainerSACViTFinetune_layerDecay075,
+        nnUNetTrainerSACViTFinetune_noLLRD,
+    )
+
+    assert nnUNetTrainerSACViTFinetune.layer_decay == 1.0
+    assert nnUNetTrainerSACViTFinetune_noLLRD.layer_decay == 1.0
+    assert nnUNetTrainerSACViTFinetune_layerDecay075.layer_decay == 0.75
+
+
 def test_finetune_layer_decay_and_wrong_configuration(tiny_workspace, sac_config):
     ws = tiny_workspace
     source = _fold(ws, "nnUNetTrainerSACViT", 0) / "checkpoint_final.pth"
     if not source.is_file():
         pytest.skip("needs test_supervised_train_resume_predict")
-    trainer = "nnUNetTrainerSACViTFinetune"
+    trainer = "nnUNetTrainerSACViTFinetune_layerDecay075"
     proc = ws.run("nnUNetv2_train", str(TINY_ID), sac_config, "1", "-tr", trainer, "-device", "cpu",
                   "-pretrained_weights", str(source), **{**TRAIN_BUDGET, "nnUNet_mim_epochs": "1"})
     assert "0 missing, 0 with another shape" in proc.stdout

@@ -128,7 +128,7 @@ def test_hybridmim_on_swin_grid_heads_and_partial_region():
     assert model.total_stride == (32, 32, 32)
     assert model.grid.subvolume == (32, 32, 32) and model.grid.pool == (1, 1, 1)  # one token = one sub-volume
     assert model.grid.grid_shape == (1, 1, 3) and model.grid.mask_patch == (16, 16, 16)
-    assert model.region_slices() == (slice(0, 32), slice(0, 32), slice(0, 64))  # bottleneck box (1, 1, 2)
+    assert model.region_slices() == (slice(0, 32), slice(0, 32), slice(32, 96))  # bottleneck box (1, 1, 2)
     out = model.train()(torch.randn(2, 1, 32, 32, 96))
     assert out.reconstruction.shape == (2, 1, 32, 32, 64)
     assert out.count_logits.shape == (2, 3, 9) and out.location_logits.shape == (2, 3, 8)

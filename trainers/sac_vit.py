@@ -222,22 +222,31 @@ class nnUNetTrainerSACViT(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
 
 
 class nnUNetTrainerSACViTFinetune(nnUNetTrainerSACViT):
-    """Finetuning a pretrained SAC-ViT (``-pretrained_weights``): the same recipe plus layer-wise lr decay 0.75
-    (BEiT / MAE ViT-B finetuning default)."""
+    """Finetuning a pretrained SAC-ViT (``-pretrained_weights``): the supervised recipe, without layer-wise lr decay
+    (neither the PUMIT paper nor its official BTCV configuration uses one). ``_layerDecay075`` adds the BEiT / MAE
+    ViT-B default of 0.75."""
 
-    layer_decay: float = 0.75
+    layer_decay: float = 1.0
 
     def on_train_start(self):
         super().on_train_start()
         if self.pretrained_report is None:
+            decay = (f" Layer-wise lr decay {self.layer_decay} is applied to whatever weights the network has."
+                     if self.layer_decay != 1.0 else "")
             self.print_to_log_file(
-                "WARNING: nnUNetTrainerSACViTFinetune without -pretrained_weights (or resumed with --c): layer-wise lr "
-                "decay is applied to whatever weights the network has. For training from scratch use "
-                "nnUNetTrainerSACViT.")
+                f"WARNING: {type(self).__name__} without -pretrained_weights (or resumed with --c): no pretrained "
+                f"weights were loaded in this run.{decay} For training from scratch use nnUNetTrainerSACViT.")
+
+
+class nnUNetTrainerSACViTFinetune_layerDecay075(nnUNetTrainerSACViTFinetune):
+    """Finetuning with layer-wise lr decay 0.75 (BEiT / MAE ViT-B): block ``i`` of ``L`` gets ``0.75^(L-i)``."""
+
+    layer_decay = 0.75
 
 
 class nnUNetTrainerSACViTFinetune_noLLRD(nnUNetTrainerSACViTFinetune):
-    """Finetuning without layer-wise lr decay (ablation)."""
+    """Finetuning without layer-wise lr decay: the same as ``nnUNetTrainerSACViTFinetune``, under its own name
+    (own results folder)."""
 
     layer_decay = 1.0
 

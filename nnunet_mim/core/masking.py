@@ -149,7 +149,10 @@ def random_token_mask(batch_size: int, num_tokens: int, mask_ratio: float,
                       ) -> torch.Tensor:
     """Uniform random token mask [B, N] with exactly ``int(mask_ratio * N)`` True (masked) per sample.
 
-    ``int`` (floor) follows MAE / SimMIM / PUMIT (``num_visible = N - int(ratio * N)``).
+    Rounding: the *masked* count is floored, as in MIM-Med3D's MAE / SimMIM (``int(ratio * N)`` masked).
+    MAE's reference code and PUMIT's official code floor the *visible* count instead
+    (``num_visible = int(N * (1 - ratio))``), which masks one token more whenever ``ratio * N`` is not an
+    integer: PUMIT's 0.55 of 216 tokens gives 118 masked here, 119 there (documentation/deviations.md).
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")

@@ -3,8 +3,16 @@
 The box is chosen on the bottleneck grid, so that cropping every skip connection at its own resolution
 yields exactly the feature maps the decoder would have computed for that sub-region of the full patch
 (up to the receptive field at the crop border, which is the point of the method: HybridMIM's UNet crops
-the same way). The official code uses the [32:96]^3 corner of a 96^3 patch; we centre the box by
-default and offer the corner for reproduction (documentation/deviations.md).
+the same way). The grid is exact: the box's slices at every level cover the same input voxels. The
+receptive field is not confined to the box: with nnU-Net's strided 3x3x3 convolutions, a bottleneck
+cell's receptive field is centred on the first voxel of its cell, not on the cell's centre, and reaches
+far beyond it (documentation/hybridmim.md).
+
+Placement. The paper sets the target region "around the image center"; the official code uses the far
+corner [32:96]^3 of a 96^3 patch. ``"center"`` (default) centres the box on the grid and, where the
+leftover is odd, puts the extra cell before the box, so on a 3-cell grid it *is* the official box
+[32:96]^3 (2 of 3 cells cannot be centred exactly on the grid). ``"corner"`` always takes the far
+corner (the official [32:96]^3 of HybridMIM's 12-cell UNet bottleneck) (documentation/deviations.md).
 """
 from __future__ import annotations
 
@@ -33,15 +41,22 @@ class RegionBox:
 def region_box(bottleneck_shape: Sequence[int], fraction: float = 2 / 3, placement: str = "center") -> RegionBox:
     """Box covering ``fraction`` of each axis of the bottleneck grid (HybridMIM: 64 of 96 voxels).
 
-    ``placement`` is ``"center"`` (default; rounded down where the leftover is odd) or ``"corner"`` (the
-    official code's far corner, [32:96]^3).
+    The size is ``round(n * fraction)`` whole cells per axis (at least 1, at most n): 2 of 3 cells (64 of 96
+    voxels at stride 32), 3 of 4 cells (96 of 128 voxels, the region size the paper uses on BraTS2020),
+    8 of 12.
+
+    ``placement`` is ``"center"`` (default) or ``"corner"``. ``"center"`` starts the box at
+    ``ceil((n - size) / 2)``: exactly centred when the leftover ``n - size`` is even, one cell towards the
+    far end when it is odd (3 cells: [1:3] = voxels [32:96]; 4 cells: [1:4] = voxels [32:128]).
+    ``"corner"`` starts it at ``n - size``, the official code's far corner ([4:12] of 12 cells = voxels
+    [32:96] at stride 8).
     """
     if placement not in ("center", "corner"):
         raise ValueError(f"placement must be 'center' or 'corner', got {placement!r}")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
     size = tuple(min(n, max(1, int(round(n * fraction)))) for n in bottleneck_shape)
-    start = tuple((n - s) // 2 if placement == "center" else n - s for n, s in zip(bottleneck_shape, size))
+    start = tuple(n - s - (n - s) // 2 if placement == "center" else n - s for n, s in zip(bottleneck_shape, size))
     return RegionBox(start, size)
 
 

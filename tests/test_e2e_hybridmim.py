@@ -165,3 +165,22 @@ def test_mismatched_checkpoint_gets_a_clear_error(tiny_workspace, pretrained):
                  "-pretrained_weights", str(pretrained), "-device", "cpu", check=False, **TRAIN_BUDGET)
     assert run.returncode != 0 and "Pre-flight check" in run.stderr and "How to fix" in run.stderr
 
+
+
+def test_add_config_never_overwrites_silently(tiny_workspace):
+    ws = tiny_workspace
+    plans = ws.preprocessed / DATASET / "nnUNetPlans.json"
+    before = plans.read_text()
+    again = ws.run("nnunet_mim", "add-config", "small", "-d", str(TINY_ID), "-n", TINY_CONFIG, "--features", "4", "32",
+                   check=False)
+    assert again.returncode != 0 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    stock = ws.run("nnunet_mim", "add-config", "small", "-d", str(TINY_ID), "-n", "3d_fullres", "--overwrite",
+                   check=False)
+    assert stock.returncode != 0 and "never replaced" in stock.stderr
+    assert plans.read_text() == before and "Traceback" not in again.stderr + stock.stderr
+    ws.run("nnunet_mim", "add-config", "small", "-d", str(TINY_ID), "-n", "3d_tiny_copy", "--features", "8", "64",
+           "--patch", "16", "32", "32")
+    ws.run("nnunet_mim", "add-config", "small", "-d", str(TINY_ID), "-n", "3d_tiny_copy", "--features", "4", "32",
+           "--patch", "16", "32", "32", "--overwrite")
+    assert json.loads(plans.read_text())["configurations"][TINY_CONFIG] == json.loads(before)["configurations"][TINY_CONFIG]
+    assert "3d_tiny_copy" in json.loads((plans.parent / "nnUNetPlans.json.bak").read_text())["configurations"]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
@@ -62,11 +63,83 @@ class BudgetFromEnvironment:
             seed_everything(derived_seed(self.seed, self.local_rank))
             self.print_to_log_file(f"seed = {self.seed} (torch, numpy, random, data-augmentation workers)")
 
+        # stored in every checkpoint (nnU-Net saves and restores ``my_init_kwargs``): --c compares them
+        self.my_init_kwargs[SETTINGS_KEY] = settings.resume_snapshot()
+        self.logger.local_logger.plot_progress_png = never_fail(self.logger.local_logger.plot_progress_png,
+                                                                "progress.png", self.print_to_log_file)
+
     def get_dataloaders(self):
         if self.seed is None:
             return super().get_dataloaders()
         with seeded_augmenters(nnunet_trainer_module, self.seed, self.local_rank):
             return super().get_dataloaders()
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to ``<name>.partial`` and then renamed: a kill or a full disk during the
+        write leaves the previous file intact."""
+        partial = f"{filename}.partial"
+        try:
+            super().save_checkpoint(partial)
+        except BaseException:
+            if os.path.isfile(partial):
+                os.remove(partial)
+            raise
+        if os.path.isfile(partial):  # rank 0 only, and not with checkpointing disabled
+            os.replace(partial, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's ``--c``, plus a check of the settings the checkpoint was trained with against this shell's."""
+        if not self.was_initialized:
+            self.initialize()
+        current = self.my_init_kwargs.get(SETTINGS_KEY)
+        super().load_checkpoint(filename_or_checkpoint)
+        stored = self.my_init_kwargs.get(SETTINGS_KEY)
+        self.my_init_kwargs[SETTINGS_KEY] = current  # checkpoints written from now on describe this run
+        if stored is not None and current is not None:
+            check_resume_settings(stored, current, self.print_to_log_file)
+
+
+SETTINGS_KEY = "nnunet_mim_settings"
+#: settings whose change would corrupt a resumed run: refused on --c (the others are reported)
+REFUSED_ON_RESUME = ("nnUNet_mim_tokenizer", "nnUNet_mim_vgg16_weights", "nnUNet_mim_lpips_weights")
+
+
+def check_resume_settings(stored: dict, current: dict, log=print) -> list[str]:
+    """Compare the settings a checkpoint was trained with to the environment of ``--c``. Refuses changes that would
+    corrupt the run (another tokenizer, other perceptual-loss weights); warns about every other difference."""
+    changed = [k for k in sorted(set(stored) | set(current)) if stored.get(k) != current.get(k)]
+    fatal = [k for k in changed if k in REFUSED_ON_RESUME]
+    if fatal:
+        raise RuntimeError(
+            "This checkpoint was trained with other settings than this shell has; resuming would mix two runs: "
+            + "; ".join(f"{k}={stored.get(k)!r} then, {current.get(k)!r} now" for k in fatal)
+            + ". Set them back (e.g. `export " + "; export ".join(f"{k}={stored.get(k) or ''}" for k in fatal)
+            + "`) or start a new run in another results folder.")
+    for k in changed:
+        log(f"WARNING: resuming with {k}={current.get(k)!r}; the checkpoint was trained with {stored.get(k)!r}. "
+            + ("The schedule and the number of epochs follow the new value from here on."
+               if k in BUDGET_VARIABLES else "The new value applies from here on."))
+    return changed
+
+
+def never_fail(method, what: str, log):
+    """``method``, but an exception (a full disk, a permission error, a display problem) only logs a warning: a figure
+    must never stop training."""
+    def safe(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - deliberately broad: figures are optional output
+            log(f"WARNING: could not write {what} ({type(e).__name__}: {e}); training goes on")
+    return safe
+
+
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is true on any DDP rank (every rank gets the same answer); ``flag`` without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
 
 
 def mean_across_ranks(value: float) -> float:
@@ -173,7 +246,7 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
         objective = losses.pop("objective", None)
         total = losses["loss"] if objective is None else objective
         self._check_finite({**losses, "loss": total})
-        if self.grad_scaler is not None:
+        if self.grad_scaler is not None:  # AMP: the scaler itself skips steps with non-finite gradients
             with record_function("train.backward"):
                 self.grad_scaler.scale(total).backward()
             with record_function("train.optimizer"):
@@ -185,12 +258,32 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
             with record_function("train.backward"):
                 total.backward()
             with record_function("train.optimizer"):
-                self.clip_gradients()
-                self.optimizer.step()
+                norm = self.clip_gradients()
+                if self._gradients_are_finite(norm):
+                    self.optimizer.step()
         return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
 
-    def clip_gradients(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip and return the total gradient norm (checked before the optimiser step)."""
+        return torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+
+    max_skipped_steps: int = 3  # consecutive steps with non-finite gradients before the run stops
+    _skipped_steps = 0
+
+    def _gradients_are_finite(self, norm: torch.Tensor) -> bool:
+        """Skip the optimiser step when the gradient norm is not finite (all DDP ranks decide together); stop after
+        :attr:`max_skipped_steps` such steps in a row."""
+        bad = any_rank(not torch.isfinite(norm).item())
+        if not bad:
+            self._skipped_steps = 0
+            return True
+        self._skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.print_to_log_file(f"WARNING: non-finite gradient norm at epoch {self.current_epoch}, iteration "
+                               f"{self._iteration_in_epoch}: optimiser step skipped ({self._skipped_steps} in a row)")
+        if self._skipped_steps >= self.max_skipped_steps:
+            self._stop_non_finite(f"{self._skipped_steps} optimiser steps in a row had non-finite gradients")
+        return False
 
     def validation_step(self, batch: dict) -> dict:
         data = batch["data"].to(self.device, non_blocking=True)
@@ -200,19 +293,26 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
         return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
 
     def _check_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        """Stop on a non-finite loss *before* the optimiser step, with a checkpoint to resume from."""
-        if torch.isfinite(losses["loss"]).item():
+        """Stop on a non-finite loss *before* the optimiser step (every DDP rank stops together)."""
+        if not any_rank(not torch.isfinite(losses["loss"]).item()):
             return
         values = {k: float(v.detach()) for k, v in losses.items()}
-        path = join(self.output_folder, "checkpoint_latest.pth")
-        self.current_epoch -= 1  # the epoch is incomplete: --c restarts it (same trick as nnU-Net's on_train_end)
+        self._stop_non_finite(f"non-finite pretraining loss {values}")
+
+    def _stop_non_finite(self, what: str) -> None:
+        """Keep the last good ``checkpoint_latest.pth``; save the current state as ``checkpoint_nonfinite.pth`` for
+        inspection, and stop with what to do."""
+        path = join(self.output_folder, "checkpoint_nonfinite.pth")
+        self.current_epoch -= 1  # the epoch is incomplete (same trick as nnU-Net's on_train_end)
         self.save_checkpoint(path)
         self.current_epoch += 1
+        latest = join(self.output_folder, "checkpoint_latest.pth")
+        resume = (f"`nnUNetv2_train ... --c` resumes from the last good {latest}" if os.path.isfile(latest) else
+                  "no checkpoint_latest.pth was written yet, so `--c` starts again from the beginning")
         raise FloatingPointError(
-            f"Non-finite pretraining loss at epoch {self.current_epoch}, iteration {self._iteration_in_epoch}: "
-            f"{values}. The weights were not updated; they are saved in {path}. Lower the learning rate "
-            f"(initial_lr={self.initial_lr}) or check the input data for NaNs/extreme values, then resume with "
-            f"`nnUNetv2_train ... --c`.")
+            f"Stopped at epoch {self.current_epoch}, iteration {self._iteration_in_epoch}: {what}. The state at this "
+            f"point is in {path} (for inspection, not for resuming); {resume}. Lower the learning rate "
+            f"(initial_lr={self.initial_lr}) or check the input data for NaNs/extreme values first.")
 
     # ---- logging --------------------------------------------------------------------------------
     def _log_components(self, split: str, outputs: dict) -> None:
@@ -241,4 +341,5 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
         super().on_epoch_end()
         last = epoch == self.num_epochs - 1
         if self.local_rank == 0 and self._preview_batch is not None and (epoch % self.preview_every == 0 or last):
-            self.save_preview(join(self.output_folder, "previews", f"epoch_{epoch:04d}.png"))
+            never_fail(self.save_preview, "a preview", self.print_to_log_file)(
+                join(self.output_folder, "previews", f"epoch_{epoch:04d}.png"))

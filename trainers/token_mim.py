@@ -243,10 +243,12 @@ class VisualTokenizerTrainer(MIMPretrainerBase):
                                        out.probs[:1].argmax(-1).detach(), out.grid)
         return losses
 
-    def clip_gradients(self) -> None:
-        """The tokenizer and the discriminator are clipped separately (one backward trains both players)."""
-        for player in (self.net.tokenizer, self.net.mim_discriminator):
-            torch.nn.utils.clip_grad_norm_(player.parameters(), self.grad_clip_norm)
+    def clip_gradients(self) -> torch.Tensor:
+        """The tokenizer and the discriminator are clipped separately (one backward trains both players); returns the
+        norm over both (non-finite if either is)."""
+        norms = [torch.nn.utils.clip_grad_norm_(player.parameters(), self.grad_clip_norm)
+                 for player in (self.net.tokenizer, self.net.mim_discriminator)]
+        return torch.stack(norms).norm()
 
     # ---- codebook utilisation, previews ----------------------------------------------------------------
     def _accumulate_usage(self, probs: torch.Tensor) -> None:
@@ -328,8 +330,6 @@ def find_tokenizer_checkpoint(dataset_name: str, plans_name: str, configuration:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{TOKENIZER_ENV}={override}: no tokenizer checkpoint at {path}.")
         return path
-    if nnUNet_results is None:
-        raise RuntimeError("nnUNet_results is not set: export it as for any nnU-Net command.")
     fold = join(str(nnUNet_results), dataset_name, f"{trainer}__{plans_name}__{configuration}", "fold_all")
     final = join(fold, "checkpoint_final.pth")
     if os.path.isfile(final):

@@ -29,7 +29,7 @@ def _add_config(args) -> None:
     from nnunet_mim.nnunet.plans import add_small_configuration, describe
 
     add_small_configuration(args.dataset, args.name, args.parent, args.plans, args.stages, tuple(args.features),
-                            args.patch, args.batch_size)
+                            args.patch, args.batch_size, overwrite=args.overwrite)
     print("Added", describe(args.dataset, args.name, args.plans))
 
 
@@ -42,7 +42,7 @@ def _add_sac_vit_config(args) -> None:
     if args.grad_checkpointing:
         overrides["grad_checkpointing"] = True
     _, text = add_sac_vit_configuration(args.dataset, args.name, args.parent, args.plans, args.size, args.patch,
-                                        args.batch_size, **overrides)
+                                        args.batch_size, overwrite=args.overwrite, **overrides)
     print("Added", text)
 
 
@@ -52,7 +52,7 @@ def _add_swin_config(args) -> None:
     try:
         config = add_swin_configuration(args.dataset, args.name, args.parent, args.plans, args.feature_size,
                                         args.patch, args.batch_size, args.downsample, args.window_size,
-                                        args.use_checkpoint, args.use_v2)
+                                        args.use_checkpoint, args.use_v2, overwrite=args.overwrite)
     except ValueError as e:
         raise SystemExit(f"nnunet_mim add-config swin: {e}")
     if args.patch is not None and list(args.patch) != config["patch_size"]:
@@ -66,7 +66,8 @@ def _add_swin_config(args) -> None:
 def _add_unet_config(args) -> None:
     from nnunet_mim.nnunet.plans import add_unet_configuration, describe
 
-    add_unet_configuration(args.dataset, args.name, args.patch, args.parent, args.plans, args.batch_size)
+    add_unet_configuration(args.dataset, args.name, args.patch, args.parent, args.plans, args.batch_size,
+                           overwrite=args.overwrite)
     print("Added", describe(args.dataset, args.name, args.plans))
 
 
@@ -202,6 +203,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None)
     s.set_defaults(func=_add_unet_config)
 
+    for kind in kinds.choices.values():
+        kind.add_argument("--overwrite", action="store_true",
+                          help="replace an existing configuration of that name (never one of nnU-Net's own)")
+
     p = sub.add_parser("import-unlabeled", help="unlabeled images -> pretraining dataset with a target's plans")
     p.add_argument("-i", "--input", required=True, help="folder of images (any format nnU-Net reads)")
     p.add_argument("-t", "--target", required=True, help="target (finetuning) dataset id or name, planned already")
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         args.func(args)
-    except SettingError as e:  # a malformed environment variable: say which and how to fix it, no traceback
+    except (SettingError, FileExistsError) as e:  # a malformed variable, an existing output: the message names the fix
         raise SystemExit(f"nnunet_mim {command}: {e}") from None
 
 

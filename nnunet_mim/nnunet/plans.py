@@ -11,6 +11,8 @@ Other modules (SwinUNETR, SAC-ViT) register their own derived configurations thr
 """
 from __future__ import annotations
 
+import os
+import shutil
 from copy import deepcopy
 from typing import Sequence
 
@@ -34,18 +36,31 @@ def plans_path(dataset: str | int, plans_identifier: str = "nnUNetPlans") -> str
     return path
 
 
+#: configurations nnU-Net's planners write; ours never replace them
+STOCK_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+
+
 def add_configuration(dataset: str | int, name: str, overrides: dict, parent: str = "3d_fullres",
-                      plans_identifier: str = "nnUNetPlans", overwrite: bool = True) -> dict:
-    """Write configuration ``name`` = ``parent`` + ``overrides`` into the plans file; return it resolved."""
+                      plans_identifier: str = "nnUNetPlans", overwrite: bool = False) -> dict:
+    """Write configuration ``name`` = ``parent`` + ``overrides`` into the plans file; return it resolved.
+
+    Refuses to replace nnU-Net's own configurations, and any existing one unless ``overwrite``. The previous plans
+    file is kept as ``<plans>.json.bak``; the new one is written to a temporary file and renamed."""
     path = plans_path(dataset, plans_identifier)
     plans = load_json(path)
     if parent not in plans["configurations"]:
         raise KeyError(f"Configuration {parent!r} is not in {path}; available: {list(plans['configurations'])}")
+    if name in STOCK_CONFIGURATIONS:
+        raise FileExistsError(f"{name!r} is one of nnU-Net's own configurations and is never replaced; choose another "
+                              f"name with -n")
     if name in plans["configurations"] and not overwrite:
-        raise FileExistsError(f"Configuration {name!r} already exists in {path}")
+        raise FileExistsError(f"Configuration {name!r} already exists in {path}; pass --overwrite to replace it (the "
+                              f"plans file is backed up to {path}.bak), or choose another name with -n")
     plans["configurations"][name] = {"inherits_from": parent, **overrides}
     PlansManager(plans).get_configuration(name)  # validates the inheritance chain
-    save_json(plans, path, sort_keys=False)
+    shutil.copyfile(path, f"{path}.bak")
+    save_json(plans, f"{path}.partial", sort_keys=False)
+    os.replace(f"{path}.partial", path)
     return PlansManager(plans).plans["configurations"][name]
 
 
@@ -87,12 +102,12 @@ def small_configuration(parent_config: dict, n_stages: int = 4, features: tuple[
 def add_small_configuration(dataset: str | int, name: str = "3d_small", parent: str = "3d_fullres",
                             plans_identifier: str = "nnUNetPlans", n_stages: int = 4,
                             features: tuple[int, int] = (16, 128), patch_size: Sequence[int] | None = None,
-                            batch_size: int | None = None) -> dict:
+                            batch_size: int | None = None, overwrite: bool = False) -> dict:
     """Add a small CPU-friendly configuration inheriting ``parent`` (same preprocessed data)."""
     plans = PlansManager(plans_path(dataset, plans_identifier))
     parent_config = plans._internal_resolve_configuration_inheritance(parent)
     overrides = small_configuration(parent_config, n_stages, features, patch_size, batch_size)
-    return add_configuration(dataset, name, overrides, parent, plans_identifier)
+    return add_configuration(dataset, name, overrides, parent, plans_identifier, overwrite)
 
 
 SWIN_NETWORK_CLASS = "nnunet_mim.architectures.swin_unetr.SwinUNETR"
@@ -141,13 +156,13 @@ def add_swin_configuration(dataset: str | int, name: str = "3d_swin", parent: st
                            plans_identifier: str = "nnUNetPlans", feature_size: int = 48,
                            patch_size: Sequence[int] | None = None, batch_size: int | None = None,
                            downsample: str = "mergingv2", window_size: int = 7, use_checkpoint: bool = False,
-                           use_v2: bool = False) -> dict:
+                           use_v2: bool = False, overwrite: bool = False) -> dict:
     """Add a SwinUNETR configuration inheriting ``parent`` (same preprocessed data); see :func:`swin_configuration`."""
     plans = PlansManager(plans_path(dataset, plans_identifier))
     parent_config = plans._internal_resolve_configuration_inheritance(parent)
     overrides = swin_configuration(parent_config, feature_size, patch_size, batch_size, downsample, window_size,
                                    use_checkpoint, use_v2)
-    return add_configuration(dataset, name, overrides, parent, plans_identifier)
+    return add_configuration(dataset, name, overrides, parent, plans_identifier, overwrite)
 
 
 def unet_configuration_for_patch(parent_config: dict, patch_size: Sequence[int], max_features: int = 320,
@@ -178,14 +193,15 @@ def unet_configuration_for_patch(parent_config: dict, patch_size: Sequence[int],
 
 
 def add_unet_configuration(dataset: str | int, name: str, patch_size: Sequence[int], parent: str = "3d_fullres",
-                           plans_identifier: str = "nnUNetPlans", batch_size: int | None = None) -> dict:
+                           plans_identifier: str = "nnUNetPlans", batch_size: int | None = None,
+                           overwrite: bool = False) -> dict:
     """Add the default U-Net re-planned for ``patch_size`` (see :func:`unet_configuration_for_patch`)."""
     plans = PlansManager(plans_path(dataset, plans_identifier))
     parent_config = plans._internal_resolve_configuration_inheritance(parent)
     overrides = unet_configuration_for_patch(parent_config, patch_size)
     if batch_size:
         overrides["batch_size"] = int(batch_size)
-    return add_configuration(dataset, name, overrides, parent, plans_identifier)
+    return add_configuration(dataset, name, overrides, parent, plans_identifier, overwrite)
 
 
 def describe(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans") -> str:

@@ -71,6 +71,7 @@ def add_sac_vit_configuration(
     size: str = "B",
     patch_size: Sequence[int] | None = None,
     batch_size: int | None = None,
+    overwrite: bool = False,
     **arch_overrides,
 ) -> tuple[dict, str]:
     """Add SAC-ViT configuration ``name`` inheriting ``parent`` to a dataset's plans (``nnunet_mim add-config
@@ -84,7 +85,7 @@ def add_sac_vit_configuration(
         raise KeyError(f"Configuration {parent!r} is not in the plans; available: {plans.available_configurations}")
     parent_config = plans._internal_resolve_configuration_inheritance(parent)
     overrides = sac_vit_configuration(parent_config, size, patch_size, batch_size, **arch_overrides)
-    add_configuration(dataset, name, overrides, parent, plans_identifier)
+    add_configuration(dataset, name, overrides, parent, plans_identifier, overwrite)
     resolved = PlansManager(plans_path(dataset, plans_identifier))._internal_resolve_configuration_inheritance(name)
     kw = resolved["architecture"]["arch_kwargs"]
     da = degree_of_anisotropy(kw["spacing"])

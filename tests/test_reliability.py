@@ -1,0 +1,90 @@
+"""Fault injection: a failing or killed checkpoint write, a figure that cannot be written, --c in another shell."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nnunet_mim.nnunet import settings
+from nnunet_mim.trainers.base import BudgetFromEnvironment, check_resume_settings, never_fail
+
+
+class _NnUNetSave:
+    """Stands in for nnUNetTrainer.save_checkpoint: writes the file in two parts, optionally dying in between."""
+
+    die_after_first_part = False
+
+    def save_checkpoint(self, filename):
+        with open(filename, "wb") as f:
+            f.write(b"new state, part 1;")
+            f.flush()
+            if self.die_after_first_part:
+                raise OSError(28, "No space left on device")
+            f.write(b" part 2")
+
+
+class _Trainer(BudgetFromEnvironment, _NnUNetSave):
+    pass
+
+
+def test_checkpoint_writes_are_atomic(tmp_path):
+    path = tmp_path / "checkpoint_latest.pth"
+    path.write_bytes(b"last good state")
+    trainer = _Trainer()
+    trainer.die_after_first_part = True
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint(str(path))
+    assert path.read_bytes() == b"last good state" and os.listdir(tmp_path) == ["checkpoint_latest.pth"]
+    trainer.die_after_first_part = False
+    trainer.save_checkpoint(str(path))
+    assert path.read_bytes() == b"new state, part 1; part 2" and os.listdir(tmp_path) == ["checkpoint_latest.pth"]
+
+
+def test_a_kill_during_the_write_leaves_the_previous_checkpoint(tmp_path):
+    """A SIGKILL mid-write: the child process dies inside nnU-Net's write; the old file must survive."""
+    import multiprocessing
+    import signal
+
+    path = tmp_path / "checkpoint_latest.pth"
+    path.write_bytes(b"last good state")
+
+    def write_and_get_killed():
+        class Killed(_NnUNetSave):
+            def save_checkpoint(self, filename):
+                with open(filename, "wb") as f:
+                    f.write(b"half")
+                    f.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        class T(BudgetFromEnvironment, Killed):
+            pass
+
+        T().save_checkpoint(str(path))
+
+    proc = multiprocessing.get_context("fork").Process(target=write_and_get_killed)
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL
+    assert path.read_bytes() == b"last good state"
+
+
+def test_figures_never_stop_training(tmp_path):
+    logged = []
+
+    def plot():
+        raise PermissionError(13, "Permission denied", str(tmp_path / "progress.png"))
+
+    never_fail(plot, "progress.png", logged.append)()  # no exception
+    assert "could not write progress.png" in logged[0] and "training goes on" in logged[0]
+
+
+def test_resume_with_other_settings_warns_or_refuses():
+    stored = settings.resume_snapshot({"nnUNet_mim_epochs": "30", "nnUNet_mim_tokenizer": "/a/tok.pth"})
+    same = dict(stored)
+    assert check_resume_settings(stored, same, print) == []
+    warnings = []
+    longer = {**stored, "nnUNet_mim_epochs": "60"}
+    assert check_resume_settings(stored, longer, warnings.append) == ["nnUNet_mim_epochs"]
+    assert "nnUNet_mim_epochs='60'" in warnings[0] and "'30'" in warnings[0]
+    with pytest.raises(RuntimeError, match=r"nnUNet_mim_tokenizer='/a/tok.pth' then, '/b/tok.pth' now"):
+        check_resume_settings(stored, {**stored, "nnUNet_mim_tokenizer": "/b/tok.pth"}, print)

@@ -36,7 +36,6 @@ from nnunet_mim.core.sac import (
 
 __all__ = [
     "TOKEN_SIZE",
-    "TOKEN_LEVEL",
     "NUM_LEVELS",
     "SAC_VIT_PRESETS",
     "default_out_indices",
@@ -56,8 +55,6 @@ __all__ = [
 
 #: in-plane token size of the SAC patch embedding (paper: 16)
 TOKEN_SIZE = 16
-#: number of in-plane x2 downsamplings at the token grid (log2 16)
-TOKEN_LEVEL = 4
 #: levels of the segmentation pyramid: full res (0), 1/2, 1/4 (x4), 1/8 (x2), 1/16 (x1 = tokens), 1/32 (x1/2)
 NUM_LEVELS = 6
 
@@ -189,10 +186,6 @@ class SACViT(nn.Module):
         for p in (self.cls_token, self.mask_token, self.pos_embed):
             if p is not None:
                 trunc_normal_(p, std=0.02)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "mask_token"}
 
     def token_grid(self, spatial_shape: Sequence[int], da: int | None = None) -> tuple[int, int, int]:
         """Token grid ``(d, h, w)`` for an input of ``spatial_shape`` (raises if not divisible by the token size)."""

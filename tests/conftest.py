@@ -98,3 +98,19 @@ def sac_vit_workspace(tiny_workspace) -> Workspace:
 def fold_folder(ws: Workspace, trainer: str, configuration: str, fold: str | int = "all") -> Path:
     """``$nnUNet_results/<tiny dataset>/<trainer>__nnUNetPlans__<configuration>/fold_<fold>``."""
     return ws.results / TINY_DATASET / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
+
+
+# ---- tiers: `pytest -m "not e2e"` runs the fast tier (toy tensors, no nnU-Net workspace) in about a minute
+E2E_FIXTURES = {"tiny_workspace", "sac_vit_workspace"}
+E2E_MODULES = {"test_demo"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: end to end through the real console scripts on tiny data (slow)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if E2E_FIXTURES & set(item.fixturenames) or module in E2E_MODULES or module.startswith("test_e2e"):
+            item.add_marker(pytest.mark.e2e)

@@ -71,7 +71,7 @@ SUITES: dict[str, Suite] = {
         ratios=(Ratio("HybridMIM partial region", "HybridMIM full region", "time", 0.60),
                 Ratio("HybridMIM partial region", "supervised nnUNetTrainer", "time", 1.15),
                 Ratio("HybridMIM partial region", "supervised nnUNetTrainer", "memory", 1.2)),
-        description="HybridMIM (issue 2): one training step on the same planned network and patch.",
+        description="HybridMIM: one training step on the same planned network and patch.",
     ),
     "sac_vit": Suite(
         cases=(Case("U-Net train", "nnUNetTrainer"),
@@ -80,11 +80,11 @@ SUITES: dict[str, Suite] = {
                Case("SAC-ViT-B predict", "nnUNetTrainerSACViT", "3d_sac_vit", mode="predict")),
         ratios=(Ratio("SAC-ViT-B predict", "U-Net predict", "time", 1.5),
                 Ratio("SAC-ViT-B train", "U-Net train", "time", 2.0)),
-        description="SAC-ViT (issue 5): SAC-ViT-B (`3d_sac_vit`, `nnunet_mim add-config sac-vit -d D --patch P`) "
+        description="SAC-ViT: SAC-ViT-B (`3d_sac_vit`, `nnunet_mim add-config sac-vit -d D --patch P`) "
                     "against nnU-Net's default U-Net re-planned for the same patch (`-c`, made with `nnunet_mim "
                     "add-config unet -d D -n NAME --patch P`): one training step each, and sliding-window prediction "
-                    "of a volume twice the patch per axis (27 windows, no mirroring). Targets: prediction <= 1.5x "
-                    "(issue 5); the training-step ratio has no target in the issue (2x is informational). `--profile` "
+                    "of a volume twice the patch per axis (27 windows, no mirroring). Targets: prediction <= 1.5x; "
+                    "the training-step ratio has no target (2x is informational). `--profile` "
                     "adds the attention time (SDPA forward op, backward autograd node).",
     ),
     "swin": Suite(
@@ -95,9 +95,9 @@ SUITES: dict[str, Suite] = {
                 Ratio("HybridMIM-Swin partial region", "HybridMIM-Swin full region", "memory", 0.65),
                 Ratio("HybridMIM-Swin partial region", "supervised SwinUNETR", "time", 1.2),
                 Ratio("HybridMIM-Swin partial region", "supervised SwinUNETR", "memory", 1.2)),
-        description="SwinUNETR (issue 4): one training step of supervised SwinUNETR (AdamW, deep supervision) and "
+        description="SwinUNETR: one training step of supervised SwinUNETR (AdamW, deep supervision) and "
                     "of HybridMIM on the same Swin network, with partial-region and full-patch decoding. Run it on a "
-                    "Swin configuration: `nnunet_mim add-config swin -d D` then `-c 3d_swin`. Targets (issue 4): "
+                    "Swin configuration: `nnunet_mim add-config swin -d D` then `-c 3d_swin`. Targets: "
                     "partial/full <= 0.65x, HybridMIM-Swin/supervised <= 1.2x.",
     ),
     "pumit": Suite(
@@ -108,7 +108,7 @@ SUITES: dict[str, Suite] = {
                 Ratio("PUMIT stage 1: visual tokenizer + discriminator", "SAC-ViT-B supervised", "memory", None),
                 Ratio("PUMIT stage 2: token MIM", "SAC-ViT-B supervised", "time", None),
                 Ratio("PUMIT stage 2: token MIM", "SAC-ViT-B supervised", "memory", None)),
-        description="PUMIT (issue 6): one training step of both token-reconstruction stages next to supervised SAC-ViT-B, "
+        description="PUMIT: one training step of both token-reconstruction stages next to supervised SAC-ViT-B, "
                     "on the same SAC-ViT configuration (`-c 3d_sac_vit`). Stage 2 needs a stage-1 tokenizer: the "
                     "trained one (found by convention) or `nnUNet_mim_tokenizer=random` (an untrained tokenizer of "
                     "the default size: same cost). `--profile`: the `mim.tokenizer` scope is the frozen tokenizer's "
@@ -125,10 +125,10 @@ SUITES: dict[str, Suite] = {
                 Ratio("MAE, official 8x512 decoder", "SimMIM (mask 0.75)", "time", None),
                 Ratio("MAE (mask 0.75)", "SimMIM (mask 0.75)", "memory", None),
                 Ratio("SimCLR", "SimMIM (mask 0.75)", "time", None)),
-        description="MIM baselines (issue 7): one training step of MAE, SimMIM, token MIM and SimCLR on SAC-ViT "
+        description="MIM baselines: one training step of MAE, SimMIM, token MIM and SimCLR on SAC-ViT "
                     "(`3d_sac_vit`) and of HybridMIM on nnU-Net's default U-Net re-planned for the same patch (`-c`, "
                     "`nnunet_mim add-config unet -d D -n NAME --patch P`). Token MIM: see the `pumit` suite for its "
-                    "tokenizer. Target (issue 7): MAE at mask 0.75 <= 0.6x SimMIM's step (encoder on the visible "
+                    "tokenizer. Target: MAE at mask 0.75 <= 0.6x SimMIM's step (encoder on the visible "
                     "tokens only); the official 8x512 decoder is shown for the decoder-size choice.",
     ),
 }

@@ -38,7 +38,6 @@ __all__ = [
     "degree_of_anisotropy",
     "pending_inplane_downsamples",
     "remaining_depth_upsamples",
-    "depth_downsamples_at_level",
     "level_strides",
     "sac_token_size",
     "sum_pool_kernel_depth",
@@ -76,11 +75,6 @@ def pending_inplane_downsamples(da: int, level: int) -> int:
 
 def remaining_depth_upsamples(da: int, level: int) -> int:
     """Depth x2 upsamplings still allowed at ``level`` (depth may not be upsampled beyond the input resolution)."""
-    return max(level - da, 0)
-
-
-def depth_downsamples_at_level(da: int, level: int) -> int:
-    """Number of depth x2 downsamplings a SAC network has applied after ``level`` in-plane ones."""
     return max(level - da, 0)
 
 

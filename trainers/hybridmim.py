@@ -3,10 +3,12 @@
     nnUNetv2_train D 3d_fullres all -tr HybridMIMPretrainer
 
 Variants are class attributes, one per subclass: ``_fullRegion`` (decoder on the whole patch, for the
-speed comparison), and the Table 4 ablations ``_recOnly`` and ``_recPerception`` (no contrastive term).
+speed comparison), ``_paperGrid`` (the paper's 32^3 sub-volumes where the plan allows), and the Table 4 ablations
+``_recOnly``, ``_recCount``, ``_recCountLocation`` and ``_recPerception`` (no contrastive term).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -18,6 +20,16 @@ from nnunet_mim.core.losses.reconstruction import masked_mse
 from nnunet_mim.core.masking import apply_mask, count_and_location_labels, patch_mask_to_voxels, sample_two_level_mask
 from nnunet_mim.nnunet.preview import save_reconstruction_preview
 from nnunet_mim.trainers.base import MIMPretrainerBase
+
+
+PAPER_SUBVOLUME = 32  # voxels per axis: HybridMIM masks 32^3 sub-volumes split into 16^3 patches (96^3 crops)
+
+
+def paper_subvolume_cells(patch_size, bottleneck_stride) -> tuple[int, ...]:
+    """Bottleneck cells per sub-volume giving the paper's 32-voxel sub-volume edge on every axis where the stride
+    divides 32 and the patch is a multiple of 32; elsewhere the default (one cell, two where the stride is 1)."""
+    return tuple(PAPER_SUBVOLUME // s if s <= PAPER_SUBVOLUME and PAPER_SUBVOLUME % s == 0 and p % PAPER_SUBVOLUME == 0
+                 else (1 if s >= 2 else 2) for p, s in zip(patch_size, bottleneck_stride))
 
 
 class HybridMIMPretrainer(MIMPretrainerBase):
@@ -33,6 +45,9 @@ class HybridMIMPretrainer(MIMPretrainerBase):
     region_fraction: float = 2 / 3  # HybridMIM: 64 of 96 voxels per axis
     region_placement: str = "center"  # the official code uses the far corner: "corner"
     encoder_dropout: float = 0.1
+    #: bottleneck cells per sub-volume and axis (``None``: one cell, two on axes the network never downsamples);
+    #: "paper" = the paper's 32^3-voxel sub-volumes on every axis where the plan's stride and patch allow them
+    subvolume_cells: tuple[int, int, int] | str | None = None
     temperature: float = 0.5
     mask_value: float = 0.0
     loss_weights: dict[str, float] = {"reconstruction": 1.0, "count": 0.1, "location": 0.1,
@@ -46,8 +61,12 @@ class HybridMIMPretrainer(MIMPretrainerBase):
         """The planned network, built to reconstruct its input channels, wrapped with the HybridMIM heads."""
         network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                            num_input_channels, False)
+        pool = cls.subvolume_cells
+        if pool == "paper":
+            stride = [int(s) for s in np.prod(configuration_manager.pool_op_kernel_sizes, axis=0)]
+            pool = paper_subvolume_cells(configuration_manager.patch_size, stride)
         return HybridMIMModel(network, configuration_manager.patch_size, cls.mask_ratio, cls.partial_region,
-                              cls.region_fraction, cls.region_placement, cls.encoder_dropout)
+                              cls.region_fraction, cls.region_placement, cls.encoder_dropout, pool=pool)
 
     @property
     def uses_contrast(self) -> bool:
@@ -118,6 +137,25 @@ class HybridMIMPretrainer_recOnly(HybridMIMPretrainer):
     """Table 4 ablation: two-level masked partial reconstruction only."""
 
     loss_weights = {"reconstruction": 1.0, "count": 0.0, "location": 0.0, "consistency": 0.0, "contrastive": 0.0}
+
+
+class HybridMIMPretrainer_recCount(HybridMIMPretrainer):
+    """Table 4 ablation: reconstruction + masked-patch count."""
+
+    loss_weights = {"reconstruction": 1.0, "count": 0.1, "location": 0.0, "consistency": 0.0, "contrastive": 0.0}
+
+
+class HybridMIMPretrainer_recCountLocation(HybridMIMPretrainer):
+    """Table 4 ablation: reconstruction + count + location (no consistency, no contrastive term)."""
+
+    loss_weights = {"reconstruction": 1.0, "count": 0.1, "location": 0.1, "consistency": 0.0, "contrastive": 0.0}
+
+
+class HybridMIMPretrainer_paperGrid(HybridMIMPretrainer):
+    """The paper's masking geometry: 32^3-voxel sub-volumes (16^3 patches) wherever the plan allows, instead of one
+    bottleneck cell per sub-volume (e.g. 8^3 sub-volumes and 4^3 patches on a stride-8 plan)."""
+
+    subvolume_cells = "paper"
 
 
 class HybridMIMPretrainer_recPerception(HybridMIMPretrainer):

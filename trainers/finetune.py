@@ -21,7 +21,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_mim.core.schedules import FunctionalLRSchedule, warmup_cosine, warmup_poly
-from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR
+from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR, refuse_unlabeled_dataset
 from nnunet_mim.nnunet.weights import load_pretrained_weights_safely
 
 
@@ -42,11 +42,7 @@ class nnUNetTrainerMIMFinetune(BudgetFromEnvironment, PerIterationLR, nnUNetTrai
     warmup_fraction: float = 0.05
 
     def initialize(self):
-        imported = self.dataset_json.get("nnunet_mim_unlabeled_import")
-        if imported:
-            raise ValueError(f"{self.plans_manager.dataset_name} was made by `nnunet_mim import-unlabeled` and has no "
-                             f"labels: pretrain on it (-tr HybridMIMPretrainer), then finetune on the labeled target "
-                             f"{imported.get('plans_from')} with -pretrained_weights.")
+        refuse_unlabeled_dataset(self)
         self.apply_budget_from_environment()
         route_pretrained_weights_through_safe_loader()
         super().initialize()
@@ -96,3 +92,46 @@ class nnUNetTrainerMIMFinetuneAdamW(nnUNetTrainerMIMFinetune):
 
 class nnUNetTrainerMIMScratchAdamW(nnUNetTrainerMIMFinetuneAdamW):
     """The AdamW short-budget recipe without pretrained weights (the from-scratch baseline)."""
+
+
+# ---- recipes for pretrained weights (chosen on the validation split by `nnunet_mim study`) -------------------------
+HEADS = ".seg_layers."
+
+
+class nnUNetTrainerMIMFinetuneAdamW_headsFirst(nnUNetTrainerMIMFinetuneAdamW):
+    """Linear probe, then finetune: the pretrained body is frozen while the fresh segmentation layers train for the
+    first :attr:`heads_first_fraction` of the iterations; then everything trains (same AdamW schedule)."""
+
+    heads_first_fraction: float = 0.1
+
+    def _set_body_trainable(self, trainable: bool) -> None:
+        for name, p in self.network.named_parameters():
+            if HEADS not in name:
+                p.requires_grad_(trainable)
+
+    def train_step(self, batch: dict) -> dict:
+        step = self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
+        self._set_body_trainable(step >= int(self.heads_first_fraction * self.total_iterations))
+        return super().train_step(batch)
+
+
+class nnUNetTrainerMIMFinetuneAdamW_bodyLr01(nnUNetTrainerMIMFinetuneAdamW):
+    """A lower learning rate for the pretrained body: :attr:`body_lr_scale` x the schedule; the fresh segmentation
+    layers get the full rate."""
+
+    body_lr_scale: float = 0.1
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        heads = [p for n, p in self.network.named_parameters() if HEADS in n]
+        body = [p for n, p in self.network.named_parameters() if HEADS not in n]
+        return torch.optim.AdamW([{"params": body, "lr_scale": self.body_lr_scale}, {"params": heads}],
+                                 self.initial_lr, weight_decay=self.weight_decay)
+
+
+class nnUNetTrainerMIMFinetuneAdamW_lr3e4(nnUNetTrainerMIMFinetuneAdamW):
+    """A lower peak learning rate: 3e-4 instead of 1e-3, everything else the same."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 3e-4

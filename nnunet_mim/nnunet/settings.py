@@ -84,10 +84,6 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("nnUNet_mim_seed", "seed of torch, numpy, random, the data-loader workers and augmentation; same seed, "
             "same run on CPU (up to float non-determinism)", "unseeded, like nnU-Net", "our trainers",
             _non_negative_int, resume_relevant=True),
-    Setting("nnUNet_mim_probe_every", "run the downstream probe every N pretraining epochs and plot its Dice in "
-            "progress.png (needs nnUNet_mim_probe_dataset)", "off", "pretrainers", _positive_int),
-    Setting("nnUNet_mim_probe_dataset", "labelled dataset (id or name, same plans) the probe during pretraining uses",
-            "none (probe off)", "pretrainers"),
     Setting("nnUNet_mim_tokenizer", "stage-1 visual tokenizer for token MIM: a checkpoint file or fold folder "
             "(`random`: untrained, benchmarks only)", "found by convention (same dataset, plans, configuration)",
             "TokenMIMPretrainer", resume_relevant=True),

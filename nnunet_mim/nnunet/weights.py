@@ -31,8 +31,9 @@ def _numpy_safe_globals() -> list:
         getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint file safely on the CPU (``weights_only=True``; ``.safetensors`` via safetensors)."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Pretrained weights file not found: {path}")
     if path.endswith(".safetensors"):

@@ -1,0 +1,98 @@
+"""The study protocol: splits, pairing, records, resume, report; end to end on tiny data through the console script."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY_CONFIG, TINY_ID, TRAIN_BUDGET, fold_folder
+from nnunet_mim.apps.study import FIRST_STUDY_FOLD, fold_of, label_subset
+
+CASES = [f"c{i:02d}" for i in range(20)]
+BASE = {"train": CASES[4:], "val": CASES[:4]}
+
+
+def test_label_subsets_are_nested_per_seed_with_a_fixed_validation_set():
+    for seed in (0, 1):
+        subsets = [label_subset(BASE, f, seed) for f in (0.2, 0.4, 0.6, 1.0)]
+        assert [len(s["train"]) for s in subsets] == [3, 6, 10, 16]
+        for small, large in zip(subsets, subsets[1:]):
+            assert set(small["train"]) < set(large["train"])
+        assert all(s["val"] == CASES[:4] and not set(s["train"]) & set(s["val"]) for s in subsets)
+    assert label_subset(BASE, 0.2, 0) == label_subset(BASE, 0.2, 0)  # deterministic
+    assert label_subset(BASE, 0.2, 0) != label_subset(BASE, 0.2, 1)  # another seed, another subset
+    with pytest.raises(ValueError):
+        label_subset(BASE, 0.0, 0)
+
+
+def test_a_cell_keeps_its_fold_and_seeds_never_share_one():
+    splits = [BASE] * 5
+    a = fold_of(splits, label_subset(BASE, 0.2, 0))
+    b = fold_of(splits, label_subset(BASE, 0.4, 0))
+    assert (a, b) == (FIRST_STUDY_FOLD, FIRST_STUDY_FOLD + 1)
+    assert fold_of(splits, label_subset(BASE, 0.2, 0)) == a and len(splits) == FIRST_STUDY_FOLD + 2
+    # at 100 % every seed draws the same cases, yet each seed trains in a fold (a results folder) of its own
+    full = [fold_of(splits, label_subset(BASE, 1.0, seed)) for seed in (0, 1, 2)]
+    assert len(set(full)) == 3 and all(splits[f]["train"] == sorted(BASE["train"]) for f in full)
+    # a split of an earlier version (no cell tag) is adopted once, by the first cell that has its cases
+    old = [BASE] * 5 + [{k: v for k, v in label_subset(BASE, 1.0, 0).items() if k != "nnunet_mim_cell"}]
+    assert fold_of(old, label_subset(BASE, 1.0, 0)) == 5 and fold_of(old, label_subset(BASE, 1.0, 1)) == 6
+
+
+@pytest.fixture(scope="module")
+def study(tiny_workspace, tmp_path_factory):
+    ws = tiny_workspace
+    ws.run("nnUNetv2_train", str(TINY_ID), TINY_CONFIG, "all", "-tr", "HybridMIMPretrainer", "-device", "cpu",
+           **TRAIN_BUDGET)
+    checkpoint = fold_folder(ws, "HybridMIMPretrainer", TINY_CONFIG) / "checkpoint_final.pth"
+    out = tmp_path_factory.mktemp("study")
+    cmd = ["nnunet_mim", "study", "-d", str(TINY_ID), "-c", TINY_CONFIG, "--weights", f"mim={checkpoint}",
+           "--fractions", "0.5", "--seeds", "0", "1", "--epochs", "2", "--iters", "2", "--val-iters", "1",
+           "--processes", "1", "-o", str(out / "report")]
+    first = ws.run(*cmd)
+    return ws, cmd, out, first
+
+
+def test_every_arm_of_a_cell_shares_fold_seed_and_budget(study):
+    _, _, out, first = study
+    records = [json.loads(p.read_text()) for p in sorted((out / "report" / "runs").glob("*.json"))]
+    assert len(records) == 4 and "run 4 of 4" in first.stdout and "left" in first.stdout
+    for seed in (0, 1):
+        pair = [r for r in records if r["seed"] == seed]
+        assert {r["arm"] for r in pair} == {"scratch", "mim"}
+        assert len({r["fold"] for r in pair}) == 1 and len({json.dumps(r["train_cases"]) for r in pair}) == 1
+        assert all(f"nnUNet_mim_seed={seed}" in r["commands"][0] for r in pair)
+    assert {r["fold"] for r in records if r["seed"] == 0} != {r["fold"] for r in records if r["seed"] == 1}
+    # different seeds, different runs (not one model evaluated twice)
+    assert records[0]["curve"] != next(r for r in records if r["arm"] == records[0]["arm"] and r["seed"] != records[0]["seed"])["curve"]
+    r = records[0]
+    assert len(r["curve"]["ema_pseudo_dice"]) == 2 and r["validation_dice"] is not None
+    assert set(r["test"]["per_case"]) and 0 <= r["test"]["overall"]["dice"] <= 1
+
+
+def test_report_has_the_paired_effect_with_its_interval_and_plots(study):
+    _, _, out, _ = study
+    report = (out / "report" / "study_report.md").read_text()
+    assert "two-way (seeds x test cases) paired percentile bootstrap" in report
+    row = next(line for line in report.splitlines() if line.startswith("| 50% | mim |"))
+    assert row.count("[") >= 1 and "| 2 |" in row  # effect [CI], 2 seeds
+    assert "Paper targets" in report and "nnUNet_mim_seed=0" in report
+    for png in ("study_dice_vs_labels.png", "study_convergence.png"):
+        assert (out / "report" / png).stat().st_size > 5_000
+
+
+def test_rerun_resumes_finished_and_interrupted_runs(study):
+    ws, cmd, out, _ = study
+    runs = out / "report" / "runs"
+    again = ws.run(*cmd)
+    assert "4 already done" in again.stdout and "nnUNetv2_train" not in again.stdout
+    # an interrupted run: no record, and only checkpoint_latest.pth -> the study continues it with --c
+    record = next(runs.glob("scratch__*s1.json"))
+    fold = json.loads(record.read_text())["fold"]
+    record.unlink()
+    folder = out / "report" / "work" / "nnUNet_results" / f"Dataset{TINY_ID}_Tiny" / \
+        f"nnUNetTrainerMIMScratchAdamW__nnUNetPlans__{TINY_CONFIG}" / f"fold_{fold}"
+    (folder / "checkpoint_final.pth").rename(folder / "checkpoint_latest.pth")
+    resumed = ws.run(*cmd)
+    assert "run 1 of 1: scratch" in resumed.stdout and " --c" in resumed.stdout
+    assert record.exists() and (folder / "checkpoint_final.pth").exists()

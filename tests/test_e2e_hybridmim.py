@@ -151,10 +151,13 @@ def test_unlabeled_import_and_pretraining(tiny_workspace):
     ck = ws.results / "Dataset611_TinyUnlabeled" / f"HybridMIMPretrainer__nnUNetPlans__{TINY_CONFIG}" / \
         "fold_all" / "checkpoint_final.pth"
     assert "OK" in ws.run("nnunet_mim", "check-weights", str(ck), "-d", str(TINY_ID), "-c", TINY_CONFIG).stdout
-    # unlabeled data cannot be finetuned on: a clear error instead of training on empty labels
-    run = ws.run("nnUNetv2_train", "611", TINY_CONFIG, "0", "-tr", "nnUNetTrainerMIMFinetune", "-device", "cpu",
-                 check=False, **TRAIN_BUDGET)
-    assert run.returncode != 0 and "has no labels" in run.stderr
+    # unlabeled data cannot be finetuned on: every segmentation trainer of the package gives a clear error instead
+    # of training on empty labels
+    for trainer in ("nnUNetTrainerMIMFinetune", "nnUNetTrainerMIMScratchAdamW", "nnUNetTrainerSwinUNETR",
+                    "nnUNetTrainerSACViT", "nnUNetTrainerSACViTFinetune", "nnUNetTrainerProbe"):
+        run = ws.run("nnUNetv2_train", "611", TINY_CONFIG, "0", "-tr", trainer, "-device", "cpu", check=False,
+                     **TRAIN_BUDGET)
+        assert run.returncode != 0 and "has no labels" in run.stderr, trainer
 
 
 def test_mismatched_checkpoint_gets_a_clear_error(tiny_workspace, pretrained):

@@ -122,6 +122,15 @@ def check_resume_settings(stored: dict, current: dict, log=print) -> list[str]:
     return changed
 
 
+def refuse_unlabeled_dataset(trainer) -> None:
+    """Segmentation trainers refuse a dataset made by ``nnunet_mim import-unlabeled``: its labels are all background."""
+    imported = trainer.dataset_json.get("nnunet_mim_unlabeled_import")
+    if imported:
+        raise ValueError(f"{trainer.plans_manager.dataset_name} was made by `nnunet_mim import-unlabeled` and has no "
+                         f"labels: pretrain on it (e.g. -tr HybridMIMPretrainer), then finetune on the labeled target "
+                         f"{imported.get('plans_from')} with -pretrained_weights.")
+
+
 def never_fail(method, what: str, log):
     """``method``, but an exception (a full disk, a permission error, a display problem) only logs a warning: a figure
     must never stop training."""

@@ -27,7 +27,7 @@ from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
 from nnunet_mim.nnunet import settings
 from nnunet_mim.nnunet.eva02_weights import load_eva02_2d_weights
 from nnunet_mim.nnunet.sac_vit_plans import is_sac_vit_configuration
-from nnunet_mim.trainers.base import BudgetFromEnvironment, MIMPretrainerBase, PerIterationLR
+from nnunet_mim.trainers.base import BudgetFromEnvironment, MIMPretrainerBase, PerIterationLR, refuse_unlabeled_dataset
 from nnunet_mim.nnunet.weights import load_pretrained_weights_safely
 
 #: parameter names (last component) that never get weight decay, whatever their shape
@@ -144,6 +144,7 @@ class nnUNetTrainerSACViT(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
         self.pretrained_report = None
 
     def initialize(self):
+        refuse_unlabeled_dataset(self)
         self.apply_budget_from_environment()
         self._route_pretrained_weights()
         super().initialize()

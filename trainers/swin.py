@@ -22,7 +22,7 @@ from torch import nn
 
 from nnunet_mim.architectures.swin_unetr import SwinUNETR, check_swin_patch_size
 from nnunet_mim.architectures.hybridmim import HybridMIMModel
-from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR
+from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR, refuse_unlabeled_dataset
 from nnunet_mim.trainers.finetune import route_pretrained_weights_through_safe_loader
 from nnunet_mim.trainers.hybridmim import HybridMIMPretrainer
 
@@ -62,6 +62,7 @@ class nnUNetTrainerSwinUNETR(BudgetFromEnvironment, PerIterationLR, nnUNetTraine
 
     def initialize(self):
         if not self.was_initialized:
+            refuse_unlabeled_dataset(self)
             require_swin_configuration(self.configuration_manager, self.configuration_name, type(self).__name__)
         self.apply_budget_from_environment()
         route_pretrained_weights_through_safe_loader()

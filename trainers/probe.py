@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from nnunet_mim.nnunet.weights import unwrap
 from nnunet_mim.trainers.finetune import nnUNetTrainerMIMFinetuneAdamW
 from nnunet_mim.trainers.sac_vit import nnUNetTrainerSACViT
 from nnunet_mim.trainers.swin import nnUNetTrainerSwinUNETR
@@ -50,8 +51,7 @@ class ProbeMixin:
     probe_lr: float = 1e-3
 
     def configure_optimizers(self):
-        module = self.network.module if hasattr(self.network, "module") else self.network
-        trained, total = freeze_all_but(getattr(module, "_orig_mod", module), self.probe_part)
+        trained, total = freeze_all_but(unwrap(self.network), self.probe_part)
         self.initial_lr = self.probe_lr
         self.weight_decay = 0.0
         self.print_to_log_file(f"Probe: training the {self.probe_part} only ({trained:,} of {total:,} parameters); "

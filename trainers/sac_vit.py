@@ -28,7 +28,7 @@ from nnunet_mim.nnunet import settings
 from nnunet_mim.nnunet.eva02_weights import load_eva02_2d_weights
 from nnunet_mim.nnunet.sac_vit_plans import is_sac_vit_configuration
 from nnunet_mim.trainers.base import BudgetFromEnvironment, MIMPretrainerBase, PerIterationLR, refuse_unlabeled_dataset
-from nnunet_mim.nnunet.weights import load_pretrained_weights_safely
+from nnunet_mim.nnunet.weights import load_pretrained_weights_safely, unwrap
 
 #: parameter names (last component) that never get weight decay, whatever their shape
 NO_WEIGHT_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")
@@ -44,7 +44,7 @@ def maybe_load_eva02(trainer, network: nn.Module) -> None:
     path = settings.read(EVA02_WEIGHTS_ENV)
     if not path:
         return
-    report = load_eva02_2d_weights(_unwrap(network).encoder, path, verbose=False)
+    report = load_eva02_2d_weights(unwrap(network).encoder, path, verbose=False)
     trainer.print_to_log_file(f"SAC-ViT encoder initialised from EVA-02 2D weights {path} (inflated to 3D); encoder "
                               f"keys left at their initialisation: {report.missing_keys}; unused checkpoint keys: "
                               f"{report.unexpected_keys}")
@@ -122,11 +122,6 @@ def make_adamw(param_groups: list[dict], lr: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999))
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    module = network.module if hasattr(network, "module") else network
-    return getattr(module, "_orig_mod", module)
-
-
 class nnUNetTrainerSACViT(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
     """Supervised SAC-ViT on a SAC-ViT configuration (``nnunet_mim add-config sac-vit``): AdamW, warmup + cosine per
     iteration, no weight decay on norms / biases / embeddings, gradient clipping at 1. nnU-Net's loss (Dice + CE,
@@ -149,7 +144,7 @@ class nnUNetTrainerSACViT(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
         self._route_pretrained_weights()
         super().initialize()
         maybe_load_eva02(self, self.network)
-        net = _unwrap(self.network)
+        net = unwrap(self.network)
         n_params = sum(p.numel() for p in net.parameters())
         enc = net.encoder
         self.print_to_log_file(
@@ -194,7 +189,7 @@ class nnUNetTrainerSACViT(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
 
     # ---- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        groups = sac_vit_param_groups(_unwrap(self.network), self.weight_decay, self.layer_decay)
+        groups = sac_vit_param_groups(unwrap(self.network), self.weight_decay, self.layer_decay)
         optimizer = make_adamw(groups, self.initial_lr)
         warmup = max(1, int(self.warmup_fraction * self.total_iterations))
         return optimizer, self.warmup_cosine_schedule(optimizer, warmup)
@@ -283,7 +278,7 @@ class SACViTPretrainerBase(MIMPretrainerBase):
 
     @property
     def mim_model(self) -> SACViTPretrainNet:
-        return _unwrap(self.network)
+        return unwrap(self.network)
 
     def initialize(self):
         super().initialize()

@@ -46,11 +46,10 @@ from nnunet_mim.trainers.base import MIMPretrainerBase
 from nnunet_mim.trainers.sac_vit import (
     NO_WEIGHT_DECAY_NAMES,
     SACViTPretrainerBase,
-    _unwrap,
     build_sac_vit_seg,
     make_adamw,
 )
-from nnunet_mim.nnunet.weights import load_checkpoint, state_dict_of
+from nnunet_mim.nnunet.weights import load_checkpoint, state_dict_of, unwrap
 
 TOKENIZER_ENV = settings.setting("nnUNet_mim_tokenizer").name
 TOKENIZER_TRAINER = "VisualTokenizerTrainer"
@@ -161,7 +160,7 @@ class VisualTokenizerTrainer(MIMPretrainerBase):
 
     @property
     def net(self) -> VisualTokenizerNet:
-        return _unwrap(self.network)
+        return unwrap(self.network)
 
     def set_deep_supervision_enabled(self, enabled: bool):
         pass  # no segmentation decoder

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from nnunet_mim.architectures.sac_vit import SACViT, SACViTSeg
 from nnunet_mim.core.sac import resample_grid
+from nnunet_mim.nnunet.weights import strip_wrapper_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +38,7 @@ def _unwrap_state_dict(sd: dict) -> dict[str, torch.Tensor]:
     for key in ("model_ema", "model", "module", "state_dict"):
         if isinstance(sd.get(key), dict):
             sd = sd[key]
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return {strip_wrapper_prefixes(k): v for k, v in sd.items()}
 
 
 def _inflate_patch_kernel(w: torch.Tensor, target_shape: Sequence[int]) -> torch.Tensor:

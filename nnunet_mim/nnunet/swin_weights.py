@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from nnunet_mim.architectures.swin_unetr import DECODER_BLOCKS, SwinUNETR
-from nnunet_mim.nnunet.weights import load_checkpoint
+from nnunet_mim.nnunet.weights import WRAPPER_PREFIXES, load_checkpoint, strip_wrapper_prefixes
 
 class SwinLoadReport(NamedTuple):
     loaded: list[str]  # our keys filled from the file
@@ -32,7 +32,7 @@ def _summarise(keys: Sequence[str], n: int = 4) -> str:
     return ", ".join(tops[:n]) + (f", ... ({len(tops)} groups)" if len(tops) > n else "") if tops else "none"
 
 
-_WRAPPERS = ("module.", "_orig_mod.", "model.")
+_WRAPPERS = (*WRAPPER_PREFIXES, "model.")
 
 
 def convert_third_party_swin_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -47,9 +47,7 @@ def convert_third_party_swin_state_dict(state: dict[str, torch.Tensor]) -> dict[
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             continue
-        for prefix in _WRAPPERS:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
+        key = strip_wrapper_prefixes(key, _WRAPPERS)
         key = key.replace("swin_vit.", "swinViT.")
         key = re.sub(r"\.mlp\.fc([12])\.", lambda m: f".mlp.linear{m.group(1)}.", key)
         if key.startswith(("patch_embed.", "layers1", "layers2", "layers3", "layers4", "pos_drop")):

@@ -20,6 +20,23 @@ PRETRAINING_ONLY_PREFIXES = ("mim_heads.", "mim_", "tokenizer.")  # pretext head
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile
 
 
+def strip_wrapper_prefixes(key: str, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> str:
+    """``module._orig_mod.encoder.x`` -> ``encoder.x``: the key without the wrappers' prefixes, in any order."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The network inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    module = network.module if hasattr(network, "module") else network
+    return getattr(module, "_orig_mod", module)
+
+
 def _numpy_safe_globals() -> list:
     from numpy import dtypes
 
@@ -58,12 +75,8 @@ def state_dict_of(checkpoint: Mapping) -> dict[str, torch.Tensor]:
             break
     state = {}
     for k, v in checkpoint.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        for prefix in WRAPPER_PREFIXES:
-            if k.startswith(prefix):
-                k = k[len(prefix):]
-        state[k] = v
+        if isinstance(v, torch.Tensor):
+            state[strip_wrapper_prefixes(k)] = v
     if not state:
         raise ValueError("The checkpoint holds no tensors: is it a network checkpoint?")
     return state
@@ -162,8 +175,7 @@ def load_pretrained_weights_safely(network: nn.Module, fname: str, verbose: bool
     Raises ``RuntimeError`` with the full report on any missing key, shape or input-channel mismatch;
     otherwise loads every matching tensor except the segmentation layers.
     """
-    module = network.module if hasattr(network, "module") else network
-    module = getattr(module, "_orig_mod", module)
+    module = unwrap(network)
     pretrained = state_dict_of(load_checkpoint(fname))
     report = compare_state_dicts(pretrained, module)
     text = format_report(report, fname)

@@ -235,3 +235,21 @@ def test_tokenizer_checkpoint_discovery_and_loading(tmp_path, monkeypatch):
     assert all(torch.equal(v, net.tokenizer.state_dict()[k]) for k, v in tok.state_dict().items())
     with pytest.raises(ValueError, match="input channel"):
         load_tokenizer(path, da=0, num_input_channels=2)
+
+
+def test_stage_two_reads_the_tokenizer_configuration_stored_in_the_checkpoint(tmp_path):
+    from dataclasses import replace
+
+    from nnunet_mim.trainers.token_mim import TOKENIZER_CONFIG_KEY
+
+    net = VisualTokenizerNet(VisualTokenizer(SMALL, 0), SACPatchDiscriminator(1, (8, 16)))
+    torch.save({"network_weights": net.state_dict(), "init_args": {TOKENIZER_CONFIG_KEY: SMALL.to_dict()}},
+               tmp_path / "stored.pth")
+    tok, _ = load_tokenizer(str(tmp_path / "stored.pth"), da=0, num_input_channels=1)
+    assert tok.config == SMALL
+    # the stored configuration is what counts: one that contradicts the weights fails loudly
+    wrong = replace(SMALL, num_embeddings=SMALL.num_embeddings * 2)
+    torch.save({"network_weights": net.state_dict(), "init_args": {TOKENIZER_CONFIG_KEY: wrong.to_dict()}},
+               tmp_path / "wrong.pth")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_tokenizer(str(tmp_path / "wrong.pth"), da=0, num_input_channels=1)

@@ -51,6 +51,7 @@ from nnunet_mim.trainers.sac_vit import (
 )
 from nnunet_mim.nnunet.weights import load_checkpoint, state_dict_of, unwrap
 
+TOKENIZER_CONFIG_KEY = "nnunet_mim_tokenizer_config"
 TOKENIZER_ENV = settings.setting("nnUNet_mim_tokenizer").name
 TOKENIZER_TRAINER = "VisualTokenizerTrainer"
 
@@ -176,6 +177,8 @@ class VisualTokenizerTrainer(MIMPretrainerBase):
                 f"patch is rounded to the token size: `nnunet_mim add-config sac-vit -d {self.plans_manager.dataset_name}"
                 f"` then `nnUNetv2_train ... 3d_sac_vit all -tr {type(self).__name__}`.")
         super().initialize()
+        # the tokenizer's configuration travels in every checkpoint (nnU-Net saves ``init_args``): stage 2 rebuilds it
+        self.my_init_kwargs[TOKENIZER_CONFIG_KEY] = self.net.tokenizer.config.to_dict()
         self.perceptual, self.perceptual_status = build_perceptual_loss(settings.read("nnUNet_mim_vgg16_weights"),
                                                                         settings.read("nnUNet_mim_lpips_weights"))
         if self.perceptual is not None:
@@ -350,10 +353,13 @@ def load_tokenizer(path: str, da: int, num_input_channels: int) -> tuple[VisualT
         desc = (f"UNTRAINED tokenizer ({TOKENIZER_ENV}=random): only for benchmarking the step cost, the targets are "
                 f"meaningless")
     else:
-        state = state_dict_of(load_checkpoint(path))
+        checkpoint = load_checkpoint(path)
+        state = state_dict_of(checkpoint)
         if not any(k.startswith("tokenizer.") for k in state):
             raise ValueError(f"{path} holds no 'tokenizer.*' weights: it is not a {TOKENIZER_TRAINER} checkpoint.")
-        config = tokenizer_config_from_state(state)
+        stored = (checkpoint.get("init_args") or {}).get(TOKENIZER_CONFIG_KEY)
+        # checkpoints of earlier versions carry no configuration: read it back from the weight shapes
+        config = TokenizerConfig.from_dict(stored) if stored else tokenizer_config_from_state(state)
         tok = VisualTokenizer(config, da)
         tok.load_state_dict({k[len("tokenizer."):]: v for k, v in state.items() if k.startswith("tokenizer.")})
         desc = f"tokenizer {path}: channels {list(config.channels)}, codebook {config.num_embeddings} x " \

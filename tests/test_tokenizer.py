@@ -253,3 +253,16 @@ def test_stage_two_reads_the_tokenizer_configuration_stored_in_the_checkpoint(tm
                tmp_path / "wrong.pth")
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_tokenizer(str(tmp_path / "wrong.pth"), da=0, num_input_channels=1)
+
+
+def test_unit_normalize_has_finite_gradients_at_all_zero_feature_columns():
+    from nnunet_mim.core.losses.gan import unit_normalize
+
+    x = torch.randn(2, 8, 4, 4)
+    x[:, :, 1, 2] = 0.0  # a feature column that ReLU zeroed
+    x.requires_grad_(True)
+    y = unit_normalize(x)
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    norms = y.detach().pow(2).sum(1).sqrt()
+    assert torch.allclose(norms[:, 0, 0], torch.ones(2), atol=1e-5) and torch.all(norms[:, 1, 2] == 0)

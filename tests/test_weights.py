@@ -94,3 +94,16 @@ def test_gpu_saved_checkpoint_loads_on_cpu(tmp_path, monkeypatch):
 def test_missing_file():
     with pytest.raises(FileNotFoundError):
         load_checkpoint("/nonexistent/checkpoint.pth")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_corrupt_files_are_told_apart_from_unsafe_pickles(tmp_path, damage):
+    good = tmp_path / "good.pth"
+    _nnunet_like_checkpoint(_net(classes=1), good)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"not a checkpoint at all"}[damage])
+    with pytest.raises(RuntimeError) as e:
+        load_checkpoint(str(bad))
+    assert "Re-copy" in str(e.value) and "Re-save" not in str(e.value)
+    assert load_checkpoint(str(good))["trainer_name"] == "HybridMIMPretrainer"  # the good file is untouched

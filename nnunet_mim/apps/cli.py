@@ -87,7 +87,12 @@ def _check_weights(args) -> None:
     from nnunet_mim.nnunet.weights import compare_state_dicts, format_report, load_checkpoint, state_dict_of
 
     network = build_network_for(args.dataset, args.configuration, args.plans, args.trainer)
-    report = compare_state_dicts(state_dict_of(load_checkpoint(args.checkpoint)), network)
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+    except (RuntimeError, FileNotFoundError) as e:  # corrupt, empty, unsafe or missing: the message says which
+        print(f"NOT loadable: {e}")
+        sys.exit(1)
+    report = compare_state_dicts(state_dict_of(checkpoint), network)
     print(format_report(report, args.checkpoint))
     ok = report.ok and not report.channel_mismatch
     print("OK: the checkpoint fits." if ok else "NOT compatible.")

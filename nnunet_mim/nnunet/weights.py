@@ -8,6 +8,7 @@ reconstruction helpers are allow-listed.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -57,13 +58,37 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         from safetensors.torch import load_file
 
         return {"network_weights": load_file(path, device="cpu")}
+    if os.path.getsize(path) == 0:
+        raise RuntimeError(f"{path} is empty (0 bytes): the copy or the save that made it did not finish. Re-copy "
+                           f"the file (or take checkpoint_best.pth / checkpoint_latest.pth of the same run).")
     with torch.serialization.safe_globals(_numpy_safe_globals()):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle of arbitrary objects: refuse, say why
+        except pickle.UnpicklingError as e:
+            if not _is_complete_pickle(path):  # not a pickle at all: damaged, or another format
+                raise RuntimeError(f"{path} is not a readable checkpoint: the file is truncated or corrupt, or not a "
+                                   f"PyTorch file. Re-copy it (and compare its size with the original).") from e
+            # a pickle of arbitrary objects: refuse, say why
             raise RuntimeError(f"{path} cannot be loaded with torch.load(weights_only=True): {e}\n"
                                f"Only plain tensors/containers (nnU-Net checkpoints, state_dicts) are accepted. "
                                f"Re-save the weights as a state_dict or a .safetensors file.") from e
+        except Exception as e:  # truncated zip, garbage, a file of another format
+            raise RuntimeError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}): the file "
+                               f"is truncated or corrupt, or not a PyTorch file. Re-copy it (and compare its size "
+                               f"with the original).") from e
+
+
+def _is_complete_pickle(path: str) -> bool:
+    """Whether the file is one whole pickle stream (read opcode by opcode, nothing executed)."""
+    import pickletools
+
+    try:
+        with open(path, "rb") as f:
+            for _ in pickletools.genops(f):
+                pass
+        return True
+    except Exception:  # noqa: BLE001 - any parse failure means: not a complete pickle
+        return False
 
 
 def state_dict_of(checkpoint: Mapping) -> dict[str, torch.Tensor]:

@@ -117,7 +117,7 @@ class LPIPSPerceptualLoss(nn.Module):
         for i, layer in enumerate(self.features):
             x = layer(x)
             if i in LPIPS_TAPS:
-                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+                out.append(unit_normalize(x))
         return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -132,6 +132,13 @@ class LPIPSPerceptualLoss(nn.Module):
             w = getattr(self, f"lin{i}").view(1, -1, 1, 1)
             total = total + ((a - b).pow(2) * w).sum(1).mean()
         return total
+
+
+def unit_normalize(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """``x`` divided by its L2 norm over channels (dim 1). The epsilon sits inside the square root: LPIPS's
+    ``x / (sqrt(sum x^2) + eps)`` has a NaN gradient where a feature column is all zero (common after ReLU); this one
+    stays finite there and equals it elsewhere up to ~eps / |x|^2."""
+    return x * torch.rsqrt(x.pow(2).sum(1, keepdim=True) + eps)
 
 
 def build_perceptual_loss(vgg16_path: str | None = None, lpips_path: str | None = None

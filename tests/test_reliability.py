@@ -88,3 +88,24 @@ def test_resume_with_other_settings_warns_or_refuses():
     assert "nnUNet_mim_epochs='60'" in warnings[0] and "'30'" in warnings[0]
     with pytest.raises(RuntimeError, match=r"nnUNet_mim_tokenizer='/a/tok.pth' then, '/b/tok.pth' now"):
         check_resume_settings(stored, {**stored, "nnUNet_mim_tokenizer": "/b/tok.pth"}, print)
+
+
+def test_import_unlabeled_checks_the_raw_image():
+    """+Inf survives CT normalisation's clipping as a finite value, so the check reads the raw image."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from nnunet_mim.nnunet.unlabeled import check_raw_image
+
+    def reader(array):
+        return SimpleNamespace(read_images=lambda files: (array, {}))
+
+    good = np.random.default_rng(0).normal(size=(1, 4, 4, 4))
+    check_raw_image(["ok.nii.gz"], reader(good))
+    bad = good.copy()
+    bad[0, 1, 2, 3] = np.inf
+    with pytest.raises(ValueError, match="1 voxel.*NaN or infinite"):
+        check_raw_image(["ct.nii.gz"], reader(bad))
+    with pytest.warns(UserWarning, match="channel 0 is constant"):
+        check_raw_image(["flat.nii.gz"], reader(np.zeros((1, 4, 4, 4))))

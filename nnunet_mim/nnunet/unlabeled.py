@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from collections import defaultdict
 from multiprocessing import get_context
 from typing import Sequence
@@ -56,11 +57,27 @@ def group_images(folder: str, file_ending: str, num_channels: int) -> dict[str, 
     return grouped
 
 
+def check_raw_image(image_files: Sequence[str], reader_writer) -> None:
+    """Refuse non-finite voxels in the raw image (CT normalisation clips them away, so the preprocessed data alone
+    would not show them); warn about a constant channel (nothing to learn from, and z-scoring divides by ~0)."""
+    raw, _ = reader_writer.read_images(list(image_files))
+    if not np.isfinite(raw).all():
+        bad = int((~np.isfinite(raw)).sum())
+        raise ValueError(f"{image_files}: {bad} voxel(s) of the raw image are NaN or infinite; fix or drop this scan "
+                         f"(normalisation may hide them, pretraining would learn from corrupted values).")
+    for c, channel in enumerate(raw):
+        if float(channel.max()) == float(channel.min()):
+            warnings.warn(f"{image_files[c] if c < len(image_files) else image_files}: channel {c} is constant "
+                          f"({float(channel.min())}); it carries nothing to pretrain on. Drop it unless that is "
+                          f"intended.", stacklevel=2)
+
+
 def unlabeled_preprocessor_class(base: type) -> type:
     """The target configuration's preprocessor, run without a label map."""
 
     class UnlabeledPreprocessor(base):
         def run_case(self, image_files, seg_file, plans_manager, configuration_manager, dataset_json):
+            check_raw_image(image_files, plans_manager.image_reader_writer_class())
             data, seg, properties = super().run_case(image_files, None, plans_manager, configuration_manager,
                                                      dataset_json)
             if not np.isfinite(data).all():

@@ -109,3 +109,17 @@ def test_import_unlabeled_checks_the_raw_image():
         check_raw_image(["ct.nii.gz"], reader(bad))
     with pytest.warns(UserWarning, match="channel 0 is constant"):
         check_raw_image(["flat.nii.gz"], reader(np.zeros((1, 4, 4, 4))))
+
+
+def test_ext_trainer_pointing_at_the_source_folder_names_the_fix(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "nnUNet_extTrainer": str(root / "trainers"), "nnUNet_raw": str(tmp_path),
+           "nnUNet_preprocessed": str(tmp_path), "nnUNet_results": str(tmp_path)}
+    code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f; "
+            "f('HybridMIMPretrainer')")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "export nnUNet_extTrainer=$(nnunet_mim ext-path)" in proc.stderr

@@ -352,3 +352,19 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
         if self.local_rank == 0 and self._preview_batch is not None and (epoch % self.preview_every == 0 or last):
             never_fail(self.save_preview, "a preview", self.print_to_log_file)(
                 join(self.output_folder, "previews", f"epoch_{epoch:04d}.png"))
+
+
+def require_package_import(module_name: str) -> None:
+    """Trainer modules are ``nnunet_mim.trainers.<name>``. nnU-Net imports the files of ``nnUNet_extTrainer`` as
+    top-level modules: pointed at the ``trainers/`` source folder it would make a second copy of every class (and
+    ``isinstance`` checks between the copies fail). The index folder of ``nnunet_mim ext-path`` avoids that."""
+    if not module_name.startswith("nnunet_mim.trainers."):
+        from nnunet_mim import ext_trainer_path
+
+        raise ImportError(f"nnunet_mim's trainer module was imported as {module_name!r}: nnUNet_extTrainer points at "
+                          f"the trainers/ source folder. Set it to the index folder instead: "
+                          f"`export nnUNet_extTrainer=$(nnunet_mim ext-path)` (here: {ext_trainer_path()}).")
+
+
+# nnU-Net imports the modules of a folder in alphabetical order, so this one comes first from trainers/
+require_package_import(__name__)

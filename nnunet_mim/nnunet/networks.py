@@ -15,7 +15,15 @@ def build_network_for(dataset: str, configuration: str, plans_identifier: str = 
     plans_manager = PlansManager(plans_path(dataset, plans_identifier))
     configuration_manager = plans_manager.get_configuration(configuration)
     dataset_json = load_json(join(dataset_folder(dataset), "dataset.json"))
-    trainer_class = recursive_find_trainer_class_by_name(trainer)
+    try:
+        trainer_class = recursive_find_trainer_class_by_name(trainer)
+    except RuntimeError as e:
+        import os
+
+        if os.environ.get("nnUNet_extTrainer"):
+            raise
+        raise RuntimeError(f"{e}\nnnunet_mim's trainers are found through nnUNet_extTrainer, which is not set: "
+                           f"`export nnUNet_extTrainer=$(nnunet_mim ext-path)`.") from None
     return trainer_class.build_network_architecture(
         plans_manager, configuration_manager,
         determine_num_input_channels(plans_manager, configuration_manager, dataset_json),

@@ -25,21 +25,23 @@ setup(
         "nnunet_mim.architectures": "architectures",
     },
     install_requires=[
-        "torch>=2.1",
+        # Floors are what our code needs (the tested set is the README's: torch 2.14.1, numpy 2.4, timm 1.0.22,
+        # MONAI 1.6, nnunetv2 2.8.1); CI tests that set only.
+        "torch>=2.5",  # torch.serialization.safe_globals (weights_only loading of nnU-Net checkpoints)
         "nnunetv2>=2.8,<2.9",
         "dynamic-network-architectures>=0.4",
-        "batchgenerators>=0.25",
-        "batchgeneratorsv2>=0.3",
-        "acvl-utils>=0.2",
+        "batchgenerators>=0.25",  # nnU-Net's data loading; seeded runs use its ordered MultiThreadedAugmenter
+        "batchgeneratorsv2>=0.3",  # nnU-Net's augmentation, which seeded runs seed in every worker
         "SimpleITK>=2.2",
-        "numpy>=1.24",
+        "numpy>=1.25",  # numpy.dtypes (allow-listed for weights_only loading)
         "scipy>=1.10",  # smooth elastic deformations of the offline datasets (nnunet_mim/apps/data/variation.py)
         "matplotlib>=3.7",
+        "safetensors>=0.4",  # .safetensors checkpoints (nnunet_mim/nnunet/weights.py)
         # MONAI: SwinUNETR and surface-distance metrics (HD95, ASSD); see documentation/deviations.md
         "monai>=1.5,<1.7",
-        # timm: EVA-02 blocks (SwiGLU, sub-LN attention) for SAC-ViT
-        "timm>=1.0",
-        "einops>=0.7",
+        # timm: EVA-02 blocks (SwiGLU, sub-LN attention) for SAC-ViT; below 1.1 because SAC-ViT's checkpoint keys
+        # follow timm's module names
+        "timm>=1.0,<1.1",
         "threadpoolctl>=3.1",  # one thread per data-augmentation worker of seeded runs (nnunet_mim/nnunet/seeding.py)
     ],
     extras_require={"test": ["pytest>=7"], "data": ["nilearn>=0.10"]},

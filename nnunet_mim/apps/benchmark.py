@@ -14,7 +14,7 @@ patch and batch size (the step does not depend on image content; data loading is
   allocator's peak (``torch.cuda.max_memory_allocated``, each case in a fresh process) is reported too.
   (The CPU resident set size is not used: allocator caching and thread pools swamp the differences.)
 
-Results are written to ``documentation/benchmarks.md`` (the section of the suite is replaced) with the
+Results are written to ``-o`` (default ``benchmarks.md`` in the current folder; the section of the suite is replaced) with the
 command, machine, date, the table and the ratios against their targets.
 """
 from __future__ import annotations
@@ -391,8 +391,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="add a per-scope time breakdown (torch.profiler)")
-    p.add_argument("-o", "--output", default="documentation/benchmarks.md",
-                   help="markdown file whose section for this suite is replaced ('' to skip)")
+    p.add_argument("-o", "--output", default="benchmarks.md",
+                   help="markdown file whose section for this suite is replaced (default benchmarks.md in the current "
+                        "folder; the repository keeps its results in documentation/benchmarks.md; '' to skip)")
     p.set_defaults(func=run)
 
 

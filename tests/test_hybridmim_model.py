@@ -115,3 +115,19 @@ def test_paper_grid_gives_32_voxel_subvolumes_where_the_plan_allows():
     # an axis whose patch is no multiple of 32 keeps the default (one bottleneck cell per sub-volume)
     assert paper_subvolume_cells((28, 56, 64), (4, 8, 8)) == (1, 1, 4)
     assert paper_subvolume_cells((96, 96, 96), (32, 32, 32)) == (1, 1, 1)  # SwinUNETR: one token is 32^3 already
+
+
+def test_table4_ablations_exist_for_both_backbones_and_keep_the_right_terms():
+    import nnunet_mim.trainers.hybridmim as unet
+    import nnunet_mim.trainers.swin as swin
+
+    expected = {"recOnly": {"reconstruction"}, "recCount": {"reconstruction", "count"},
+                "recCountLocation": {"reconstruction", "count", "location"},
+                "recPerception": {"reconstruction", "count", "location", "consistency"}}
+    full = unet.HybridMIMPretrainer.loss_weights
+    for module, family in ((unet, "HybridMIMPretrainer"), (swin, "HybridMIMPretrainerSwin")):
+        for name, kept in expected.items():
+            cls = getattr(module, f"{family}_{name}")
+            assert cls.family == family
+            assert {k for k, w in cls.loss_weights.items() if w > 0} == kept
+            assert all(cls.loss_weights[k] == full[k] for k in kept)  # the full method's weights where kept

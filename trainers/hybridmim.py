@@ -22,6 +22,20 @@ from nnunet_mim.nnunet.preview import save_reconstruction_preview
 from nnunet_mim.trainers.base import MIMPretrainerBase
 
 
+#: HybridMIM Table 4: which loss terms each ablation keeps (the weights of the full method otherwise)
+FULL_WEIGHTS = {"reconstruction": 1.0, "count": 0.1, "location": 0.1, "consistency": 0.01, "contrastive": 0.1}
+ABLATIONS = {
+    "recOnly": ("reconstruction",),
+    "recCount": ("reconstruction", "count"),
+    "recCountLocation": ("reconstruction", "count", "location"),
+    "recPerception": ("reconstruction", "count", "location", "consistency"),
+}
+
+
+def ablation_weights(kept) -> dict[str, float]:
+    return {k: (w if k in kept else 0.0) for k, w in FULL_WEIGHTS.items()}
+
+
 PAPER_SUBVOLUME = 32  # voxels per axis: HybridMIM masks 32^3 sub-volumes split into 16^3 patches (96^3 crops)
 
 
@@ -50,8 +64,7 @@ class HybridMIMPretrainer(MIMPretrainerBase):
     subvolume_cells: tuple[int, int, int] | str | None = None
     temperature: float = 0.5
     mask_value: float = 0.0
-    loss_weights: dict[str, float] = {"reconstruction": 1.0, "count": 0.1, "location": 0.1,
-                                      "consistency": 0.01, "contrastive": 0.1}
+    loss_weights: dict[str, float] = FULL_WEIGHTS
     loss_components = ("reconstruction", "count", "location", "consistency", "contrastive")
 
     @classmethod
@@ -68,6 +81,8 @@ class HybridMIMPretrainer(MIMPretrainerBase):
         return HybridMIMModel(network, configuration_manager.patch_size, cls.mask_ratio, cls.partial_region,
                               cls.region_fraction, cls.region_placement, cls.encoder_dropout, pool=pool)
 
+    family = "HybridMIMPretrainer"  # the name its variants extend (HybridMIMPretrainer_recPerception, ...)
+
     @property
     def uses_contrast(self) -> bool:
         return self.loss_weights["contrastive"] > 0
@@ -79,7 +94,7 @@ class HybridMIMPretrainer(MIMPretrainerBase):
                 f"HybridMIM's contrastive term needs a global batch size >= 2 (negatives come from other samples); "
                 f"the plans give batch_size={self.configuration_manager.batch_size}. Raise 'batch_size' of "
                 f"configuration '{self.configuration_name}' in the plans, or pretrain without the contrastive term: "
-                f"-tr HybridMIMPretrainer_recPerception.")
+                f"-tr {self.family}_recPerception.")
         model = self.mim_model
         self.print_to_log_file(
             f"HybridMIM on {model.network_class_name}: patch {model.patch_size}, bottleneck stride "
@@ -136,19 +151,19 @@ class HybridMIMPretrainer_fullRegion(HybridMIMPretrainer):
 class HybridMIMPretrainer_recOnly(HybridMIMPretrainer):
     """Table 4 ablation: two-level masked partial reconstruction only."""
 
-    loss_weights = {"reconstruction": 1.0, "count": 0.0, "location": 0.0, "consistency": 0.0, "contrastive": 0.0}
+    loss_weights = ablation_weights(ABLATIONS["recOnly"])
 
 
 class HybridMIMPretrainer_recCount(HybridMIMPretrainer):
     """Table 4 ablation: reconstruction + masked-patch count."""
 
-    loss_weights = {"reconstruction": 1.0, "count": 0.1, "location": 0.0, "consistency": 0.0, "contrastive": 0.0}
+    loss_weights = ablation_weights(ABLATIONS["recCount"])
 
 
 class HybridMIMPretrainer_recCountLocation(HybridMIMPretrainer):
     """Table 4 ablation: reconstruction + count + location (no consistency, no contrastive term)."""
 
-    loss_weights = {"reconstruction": 1.0, "count": 0.1, "location": 0.1, "consistency": 0.0, "contrastive": 0.0}
+    loss_weights = ablation_weights(ABLATIONS["recCountLocation"])
 
 
 class HybridMIMPretrainer_paperGrid(HybridMIMPretrainer):
@@ -161,4 +176,4 @@ class HybridMIMPretrainer_paperGrid(HybridMIMPretrainer):
 class HybridMIMPretrainer_recPerception(HybridMIMPretrainer):
     """Table 4 ablation: reconstruction + patch-masking perception (count, location, consistency)."""
 
-    loss_weights = {"reconstruction": 1.0, "count": 0.1, "location": 0.1, "consistency": 0.01, "contrastive": 0.0}
+    loss_weights = ablation_weights(ABLATIONS["recPerception"])

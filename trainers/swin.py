@@ -24,7 +24,7 @@ from nnunet_mim.architectures.swin_unetr import SwinUNETR, check_swin_patch_size
 from nnunet_mim.architectures.hybridmim import HybridMIMModel
 from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR, refuse_unlabeled_dataset
 from nnunet_mim.trainers.finetune import route_pretrained_weights_through_safe_loader
-from nnunet_mim.trainers.hybridmim import HybridMIMPretrainer
+from nnunet_mim.trainers.hybridmim import ABLATIONS, HybridMIMPretrainer, ablation_weights
 
 
 def require_swin_configuration(configuration_manager: ConfigurationManager, configuration_name: str | None,
@@ -117,6 +117,8 @@ class HybridMIMPretrainerSwin(HybridMIMPretrainer):
     (``drop_rate`` 0) with ``-pretrained_weights``.
     """
 
+    family = "HybridMIMPretrainerSwin"
+
     encoder_dropout: float = 0.0
     swin_drop_rate: float = 0.1
     swin_initial_lr: float = 1e-4
@@ -169,3 +171,27 @@ class HybridMIMPretrainerSwin_officialLR(HybridMIMPretrainerSwin):
 
     swin_initial_lr = 6e-6
     swin_weight_decay = 0.1
+
+
+class HybridMIMPretrainerSwin_recOnly(HybridMIMPretrainerSwin):
+    """Table 4 ablation on Swin: two-level masked partial reconstruction only."""
+
+    loss_weights = ablation_weights(ABLATIONS["recOnly"])
+
+
+class HybridMIMPretrainerSwin_recCount(HybridMIMPretrainerSwin):
+    """Table 4 ablation on Swin: reconstruction + masked-patch count."""
+
+    loss_weights = ablation_weights(ABLATIONS["recCount"])
+
+
+class HybridMIMPretrainerSwin_recCountLocation(HybridMIMPretrainerSwin):
+    """Table 4 ablation on Swin: reconstruction + count + location."""
+
+    loss_weights = ablation_weights(ABLATIONS["recCountLocation"])
+
+
+class HybridMIMPretrainerSwin_recPerception(HybridMIMPretrainerSwin):
+    """Table 4 ablation on Swin: reconstruction + count, location, consistency (no contrastive term; batch 1 works)."""
+
+    loss_weights = ablation_weights(ABLATIONS["recPerception"])

@@ -110,3 +110,55 @@ def test_nt_xent_gathers_negatives_across_ranks():
         assert results[r][0] == pytest.approx(ref.item(), rel=1e-5)
         # DDP averages gradients over ranks: the local gradient is world_size x the single-process share
         assert torch.allclose(torch.tensor(results[r][1][0]) / 2, ref1.grad[r], atol=1e-6)
+
+
+def _uneven_worker(rank, world, port, z1, z2, probs, queue):
+    from nnunet_mim.core.losses.contrastive import global_batch_size
+    from nnunet_mim.core.losses.tokens import global_mean_distribution
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rows = slice(0, 2) if rank == 0 else slice(2, 3)  # nnU-Net splits a global batch of 3 over 2 ranks as 2 and 1
+    local1 = z1[rows].clone().requires_grad_(True)
+    loss = nt_xent(local1, z2[rows], 0.5)
+    loss.backward()
+    local_p = probs[rows].clone().requires_grad_(True)
+    mean = global_mean_distribution(local_p)
+    (mean * torch.arange(mean.numel())).sum().backward()
+    queue.put((rank, global_batch_size(local1.shape[0]), loss.item(), local1.grad, mean.detach(), local_p.grad))
+    dist.destroy_process_group()
+
+
+def test_uneven_ddp_batches_equal_the_global_batch():
+    """2 gloo ranks with 2 and 1 samples == 1 process with 3: the same loss and global mean on every rank, and local
+    gradients that DDP's mean over ranks turns into the single-process gradient."""
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(3, 6, generator=g), torch.randn(3, 6, generator=g)
+    probs = torch.softmax(torch.randn(3, 4, 5, generator=g), -1)  # [B, tokens, K]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_uneven_worker, args=(r, 2, port, z1, z2, probs, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {r[0]: r[1:] for r in (queue.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(60)
+    from nnunet_mim.core.losses.tokens import global_mean_distribution
+
+    ref1 = z1.clone().requires_grad_(True)
+    ref = nt_xent(ref1, z2, 0.5)
+    ref.backward()
+    ref_p = probs.clone().requires_grad_(True)
+    ref_mean = global_mean_distribution(ref_p)
+    (ref_mean * torch.arange(ref_mean.numel())).sum().backward()
+    grads1 = torch.cat([results[0][2], results[1][2]]) / 2  # DDP: mean over the 2 ranks
+    gradsp = torch.cat([results[0][4], results[1][4]]) / 2
+    for r in (0, 1):
+        size, loss, _, mean, _ = results[r]
+        assert size == 3 and loss == pytest.approx(ref.item(), rel=1e-5)
+        assert torch.allclose(mean, ref_mean.detach(), atol=1e-6)  # every token weighs the same
+    assert torch.allclose(grads1, ref1.grad, atol=1e-6) and torch.allclose(gradsp, ref_p.grad, atol=1e-6)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
+
+from nnunet_mim.core.distributed import ddp_gradient_scale, gather_with_local_grad, global_count, world_size
 
 
 def entropy(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -23,23 +24,18 @@ def kl_to_uniform(probs: torch.Tensor) -> torch.Tensor:
 
 
 def global_mean_distribution(probs: torch.Tensor) -> torch.Tensor:
-    """Mean token distribution ``E[p]`` ``[K]`` over all tokens of the batch *and of all DDP ranks*.
+    """Mean token distribution ``E[p]`` ``[K]`` over all tokens of the batch *and of all DDP ranks*, each token
+    weighing the same (ranks with more samples weigh more).
 
-    The other ranks' means enter as constants; the local tokens keep their gradient (PUMIT: "global mean with local
-    gradient"). DDP then averages parameter gradients over the W ranks, which would leave this term's gradient 1/W
-    of single-process training on the global batch, so the gradient (not the value) is scaled by W -- the same
-    correction as :func:`nnunet_mim.core.losses.contrastive.nt_xent`. Ranks are weighted equally (nnU-Net gives every
-    rank the same batch and patch size).
+    The other ranks' tokens enter as constants; the local tokens keep their gradient (PUMIT: "global mean with local
+    gradient"), scaled for DDP's mean of the ranks' gradients (:mod:`nnunet_mim.core.distributed`).
     """
-    local = probs.reshape(-1, probs.shape[-1]).mean(0)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return local
-    world = dist.get_world_size()
-    gathered = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local.detach().contiguous())
-    gathered[dist.get_rank()] = local
-    mean = torch.stack(gathered).mean(0)
-    return mean + (world - 1) * (mean - mean.detach())
+    flat = probs.reshape(-1, probs.shape[-1])
+    if world_size() == 1:
+        return flat.mean(0)
+    sums = gather_with_local_grad(flat.sum(0, keepdim=True))  # [W, K], the local row with gradient
+    count = global_count(flat.shape[0])
+    return ddp_gradient_scale(sums.sum(0) / count)
 
 
 def prior_regularization(probs: torch.Tensor, prior_weight: float, sharpness_weight: float

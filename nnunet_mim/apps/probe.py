@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from nnunet_mim.apps.pipeline import Pipeline
-from nnunet_mim.apps.study import fold_of, label_subset, load_or_create_splits
+from nnunet_mim.apps.study import atomic_write, fold_of, label_subset, load_or_create_splits
 
 DEFAULT_CASES = 3
 DEFAULT_EPOCHS = 8
@@ -42,7 +42,7 @@ def probe_fold(preprocessed: Path, name: str, cases: int, seed: int) -> tuple[in
     before = json.dumps(splits)
     fold = fold_of(splits, split)
     if json.dumps(splits) != before or not path.exists():
-        path.write_text(json.dumps(splits, indent=1))
+        atomic_write(path, json.dumps(splits, indent=1))
     return fold, split["train"]
 
 

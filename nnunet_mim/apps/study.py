@@ -176,7 +176,7 @@ class Study:
                 split = label_subset(splits[0], fraction, seed)
                 out[(fraction, seed)] = (fold_of(splits, split), split["train"])
         if json.dumps(splits) != before or not path.exists():
-            _atomic_write(path, json.dumps(splits, indent=1))
+            atomic_write(path, json.dumps(splits, indent=1))
         return out
 
     # ---- one run ----------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ class Study:
                        f"seed {seed}; elapsed {_minutes(elapsed)}{eta}")
             t0 = time.time()
             record = self.run_cell(name, arm, fraction, seed, fold, train)
-            _atomic_write(self.record_path(arm, fraction, seed), json.dumps(record, indent=1))
+            atomic_write(self.record_path(arm, fraction, seed), json.dumps(record, indent=1))
             durations.append(time.time() - t0)
             self.p.say(f"  test Dice {record['test']['overall']['dice']:.3f} (validation "
                        f"{record['validation_dice'] if record['validation_dice'] is None else round(record['validation_dice'], 3)})")
@@ -263,7 +263,7 @@ class Study:
         records = [r for r in self.records() if r["dataset"] == name and r["configuration"] == self.configuration]
         text = render_report(records, self.command, self.output)
         path = self.output / "study_report.md"
-        _atomic_write(path, text)
+        atomic_write(path, text)
         return path
 
 
@@ -271,7 +271,7 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)

@@ -14,8 +14,8 @@ patch and batch size (the step does not depend on image content; data loading is
   allocator's peak (``torch.cuda.max_memory_allocated``, each case in a fresh process) is reported too.
   (The CPU resident set size is not used: allocator caching and thread pools swamp the differences.)
 
-Results are written to ``-o`` (default ``benchmarks.md`` in the current folder; the section of the suite is replaced) with the
-command, machine, date, the table and the ratios against their targets.
+Results are written to ``-o`` (default ``benchmarks.md`` in the current folder; the section of the suite is
+replaced) with the command, machine, date, the table and the ratios against their targets.
 """
 from __future__ import annotations
 

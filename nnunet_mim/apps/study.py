@@ -47,6 +47,7 @@ FIRST_STUDY_FOLD = 5  # folds 0-4 are nnU-Net's own cross-validation
 SCRATCH = "scratch"
 CONVERGENCE_FRACTION = 0.9  # "iterations to reach 90 % of the scratch arm's final validation Dice"
 PAPER_GAIN_POINTS = 3.0  # HybridMIM / PUMIT: pretrained >= scratch + 3 Dice points at the lowest label fraction
+MIN_SEEDS_FOR_VERDICT = 3  # a target is called met or not met from 3 seeds on
 
 
 # ------------------------------------------------------------------------------------------------- design
@@ -249,8 +250,9 @@ class Study:
             record = self.run_cell(name, arm, fraction, seed, fold, train)
             atomic_write(self.record_path(arm, fraction, seed), json.dumps(record, indent=1))
             durations.append(time.time() - t0)
+            val = record["validation_dice"]
             self.p.say(f"  test Dice {record['test']['overall']['dice']:.3f} (validation "
-                       f"{record['validation_dice'] if record['validation_dice'] is None else round(record['validation_dice'], 3)})")
+                       f"{'n/a' if val is None else round(val, 3)})")
             self.write_report(name)
         report = self.write_report(name)
         self.p.say(f"study complete: {report}")
@@ -328,9 +330,9 @@ def render_report(records: list[dict], command: str, output: Path) -> str:
         return "\n".join(lines + ["", "No finished runs yet."]) + "\n"
     r0 = records[0]
     b = r0["budget"]
-    lines += [f"- dataset `{r0['dataset']}`, configuration `{r0['configuration']}`; budget per run: {b['epochs']} epochs "
-              f"x {b['iters']} iterations ({b['epochs'] * b['iters']} iterations), {b['val_iters']} validation "
-              f"iterations per epoch",
+    lines += [f"- dataset `{r0['dataset']}`, configuration `{r0['configuration']}`; budget per run: "
+              f"{b['epochs']} epochs x {b['iters']} iterations ({b['epochs'] * b['iters']} iterations), "
+              f"{b['val_iters']} validation iterations per epoch",
               "- arms: " + "; ".join(f"`{a}`: `{next(r['trainer'] for r in records if r['arm'] == a)}`"
                                      + (f" from `{next(r['weights'] for r in records if r['arm'] == a)}`"
                                         if a != SCRATCH else "") for a in arms),
@@ -373,8 +375,8 @@ def render_report(records: list[dict], command: str, output: Path) -> str:
                          f"{_fmt_effect(effects.get('assd'), 1, 2) if a != SCRATCH else '—'} | n/a | {conv_text} | "
                          f"{_minutes(np.mean([r['wall_s'] for r in rs]))} |")
     lines += ["", "Iterations to 90 %: training iterations until the EMA validation pseudo-Dice (nnU-Net's per-epoch "
-              "curve) first reaches 90 % of the scratch arm's final value, mean over the seeds where both arms reach it; "
-              "in brackets scratch / pretrained (Chen et al. report 1.40x for MIM pretraining).", ""]
+              "curve) first reaches 90 % of the scratch arm's final value, mean over the seeds where both arms reach "
+              "it; in brackets scratch / pretrained (Chen et al. report 1.40x for MIM pretraining).", ""]
     lines += _targets(summary, fractions, arms)
     lines += ["", "## Per-class test Dice (mean over seeds)", ""]
     classes = list(records[0]["test"]["per_class"])
@@ -402,8 +404,11 @@ def _targets(summary: dict, fractions: list[float], arms: list[str]) -> list[str
         e = summary.get((low, a), {}).get("effect")
         if e is not None and np.isfinite(e.effect):
             met = 100 * e.effect >= PAPER_GAIN_POINTS and e.low > 0
+            verdict = (f"target **{'met' if met else 'not met'}**" if e.n_seeds >= MIN_SEEDS_FOR_VERDICT else
+                       f"preliminary, {'on track' if met else 'not on track'} (the protocol asks for "
+                       f"{MIN_SEEDS_FOR_VERDICT} seeds)")
             out.append(f"- `{a}` at {low:.0%} labels: {100 * e.effect:+.1f} points [{100 * e.low:+.1f}, "
-                       f"{100 * e.high:+.1f}] over {e.n_seeds} seeds: target **{'met' if met else 'not met'}**.")
+                       f"{100 * e.high:+.1f}] over {e.n_seeds} seed(s) and {e.n_cases} test cases: {verdict}.")
         if (0.6, a) in summary and (1.0, SCRATCH) in summary:
             p, s = summary[(0.6, a)]["dice"], summary[(1.0, SCRATCH)]["dice"]
             out.append(f"- `{a}` at 60 % = {p:.3f} vs scratch at 100 % = {s:.3f}: target "
@@ -443,7 +448,8 @@ def save_plots(records: list[dict], output: Path) -> list[tuple[str, Path]]:
     fig, axes = plt.subplots(1, len(fractions), figsize=(4.5 * len(fractions), 3.8), squeeze=False)
     for ax, f in zip(axes[0], fractions):
         for a in arms:
-            curves = [r["curve"] for r in records if r["arm"] == a and r["fraction"] == f and r["curve"]["ema_pseudo_dice"]]
+            curves = [r["curve"] for r in records
+                      if r["arm"] == a and r["fraction"] == f and r["curve"]["ema_pseudo_dice"]]
             if not curves:
                 continue
             n = min(len(c["ema_pseudo_dice"]) for c in curves)
@@ -504,8 +510,8 @@ def _run(args) -> None:
         dataset, configuration, pool = args.dataset, args.configuration or "3d_fullres", args.pool
     configuration = args.configuration or configuration
     budget = Budget(args.epochs, args.iters, args.val_iters)
-    pipeline = Pipeline(workdir, "study", "study_log.txt", args.processes, {**folders,
-                                                                           "nnUNet_results": str(workdir / "nnUNet_results")})
+    folders["nnUNet_results"] = str(workdir / "nnUNet_results")
+    pipeline = Pipeline(workdir, "study", "study_log.txt", args.processes, folders)
     arms = [Arm(SCRATCH, args.scratch_trainer)] + [Arm.parse(w, args.finetune_trainer) for w in args.weights]
     with pipeline:
         if args.demo_data:
@@ -537,7 +543,8 @@ def add_parser(subparsers) -> None:
                    help="the demo's embedded data, built in --workdir when missing (dataset 501, pool 511)")
     p.add_argument("--weights", nargs="*", default=[], metavar="NAME=PATH[@TRAINER]",
                    help="pretrained arms: a checkpoint each, optionally with its finetuning trainer")
-    p.add_argument("--pretrain", default=None, metavar="TRAINER", help="pretrain on --pool first (e.g. HybridMIMPretrainer)")
+    p.add_argument("--pretrain", default=None, metavar="TRAINER",
+                   help="pretrain on --pool first (e.g. HybridMIMPretrainer)")
     p.add_argument("--pool", default=None, help="unlabeled pretraining dataset (default with --demo-data: 511)")
     p.add_argument("--pretrain-name", default="pretrained", help="arm name of the --pretrain checkpoint")
     p.add_argument("--pretrain-epochs", type=int, default=DemoSettings.pretrain_epochs)

@@ -1,4 +1,10 @@
-"""EVA-02 2D weights -> SAC-ViT encoder: 2D-to-3D inflation from a *local* file (never downloads)."""
+"""EVA-02 2D weights -> SAC-ViT encoder: 2D-to-3D inflation from a *local* file (never downloads).
+
+EVA-02's MIM checkpoints also hold the MIM ``mask_token``. It goes to the mask token that masked pretraining actually
+uses: the encoder's own ``mask_token`` when it has one, else the ``mim_mask_token`` of a pretraining wrapper
+(:class:`~nnunet_mim.architectures.sac_vit.SACViTPretrainNet` subclasses such as token MIM's ``TokenMIMNet``) passed to
+:func:`load_eva02_2d_weights`, or loaded on its own with :func:`load_eva02_mask_token`.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,9 +14,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
-from nnunet_mim.architectures.sac_vit import SACViT, SACViTSeg
+from nnunet_mim.architectures.sac_vit import SACViT
 from nnunet_mim.core.sac import resample_grid
 from nnunet_mim.nnunet.weights import strip_wrapper_prefixes
 
@@ -77,7 +84,8 @@ def convert_eva02_2d_state_dict(state_dict: dict, encoder: SACViT) -> dict[str, 
     Handled: ``patch_embed.proj.weight`` (14x14 -> 16x16 bicubic, RGB -> ``input_channels``, depth inflation),
     ``pos_embed`` (cls part added to ``cls_token``; grid repeated along depth and resampled to ``pos_embed_grid``),
     fused ``attn.qkv.weight`` split, ``q_bias`` / ``v_bias``, ``mlp.w1/w2/w3/ffn_ln``, ``attn.inner_attn_ln``.
-    Dropped: RoPE buffers, heads (``head``, ``lm_head``, ``fc_norm``). ``mask_token`` is kept if the encoder has one.
+    Dropped: RoPE buffers, heads (``head``, ``lm_head``, ``fc_norm``). ``mask_token`` is always passed through (under
+    that key); :func:`load_eva02_2d_weights` routes it to the mask token in use.
     """
     sd = _unwrap_state_dict(state_dict)
     own = encoder.state_dict()
@@ -104,12 +112,9 @@ def convert_eva02_2d_state_dict(state_dict: dict, encoder: SACViT) -> dict[str, 
     return out
 
 
-def load_eva02_2d_weights(model: SACViT | SACViTSeg, path: str | Path, verbose: bool = True) -> LoadReport:
-    """Initialise the SAC-ViT encoder of ``model`` from a local EVA-02 2D checkpoint (PUMIT "Implementation Details").
-
-    ``path``: ``.safetensors`` (needs the ``safetensors`` package) or a torch file read with ``weights_only=True``.
-    Never downloads. Returns the missing / unexpected keys (relative to the encoder); raises on shape mismatches.
-    """
+def read_eva02_state_dict(path: str | Path) -> dict:
+    """Read a local EVA-02 checkpoint: ``.safetensors`` (needs the ``safetensors`` package) or a torch file read with
+    ``weights_only=True`` on the CPU. Never downloads; a missing file raises ``FileNotFoundError``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -121,21 +126,70 @@ def load_eva02_2d_weights(model: SACViT | SACViTSeg, path: str | Path, verbose: 
             from safetensors.torch import load_file
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError(f"{path} is a .safetensors file; install the 'safetensors' package to read it") from e
-        state_dict = load_file(str(path), device="cpu")
-    else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    encoder = model.encoder if isinstance(model, SACViTSeg) else model
+        return load_file(str(path), device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _mask_token_target(model: nn.Module) -> nn.Parameter | None:
+    """The mask token that masked pretraining of ``model`` uses: the encoder's own, else a wrapper's ``mim_mask_token``."""
+    encoder = getattr(model, "encoder", model)
+    if isinstance(getattr(encoder, "mask_token", None), nn.Parameter):
+        return encoder.mask_token
+    if isinstance(getattr(model, "mim_mask_token", None), nn.Parameter):
+        return model.mim_mask_token
+    return None
+
+
+def _copy_mask_token(target: nn.Parameter, token: torch.Tensor) -> None:
+    if token.numel() != target.numel():
+        raise ValueError(f"EVA-02 mask_token {tuple(token.shape)} does not fit the mask token {tuple(target.shape)} "
+                         "(wrong size preset?)")
+    with torch.no_grad():
+        target.copy_(token.reshape(target.shape).to(target.dtype))
+
+
+def load_eva02_mask_token(model: nn.Module, path: str | Path) -> bool:
+    """Copy only EVA-02's MIM ``mask_token`` from a local checkpoint into the mask token ``model`` uses (the encoder's
+    ``mask_token``, else the wrapper's ``mim_mask_token``). Returns ``False`` (nothing changed) when the checkpoint has
+    no mask token (e.g. timm's EVA-02 weights, which drop it) or the model has none; raises on a size mismatch."""
+    token = _unwrap_state_dict(read_eva02_state_dict(path)).get("mask_token")
+    target = _mask_token_target(model)
+    if not isinstance(token, torch.Tensor) or target is None:
+        return False
+    _copy_mask_token(target, token)
+    return True
+
+
+def load_eva02_2d_weights(model: nn.Module, path: str | Path, verbose: bool = True) -> LoadReport:
+    """Initialise the SAC-ViT encoder of ``model`` from a local EVA-02 2D checkpoint (PUMIT "Implementation Details").
+
+    ``model``: a :class:`SACViT`, or any network holding one as ``encoder`` (:class:`SACViTSeg`, the pretraining
+    wrappers). EVA-02's ``mask_token`` goes to the encoder's ``mask_token`` if it has one, else to the network's
+    ``mim_mask_token`` (token MIM / SimMIM wrappers); only when neither exists is it reported as unexpected.
+    ``path``: ``.safetensors`` (needs the ``safetensors`` package) or a torch file read with ``weights_only=True``.
+    Never downloads. Returns the missing / unexpected keys (relative to the encoder); raises on shape mismatches.
+    """
+    state_dict = read_eva02_state_dict(path)
+    encoder = getattr(model, "encoder", model)
+    if not isinstance(encoder, SACViT):
+        raise TypeError(f"expected a SACViT or a network with a SACViT `encoder`, got {type(model).__name__}")
     converted = convert_eva02_2d_state_dict(state_dict, encoder)
     own = encoder.state_dict()
+    wrapper_token = "mask_token" not in own and "mask_token" in converted and _mask_token_target(model) is not None
+    mask_token = converted.pop("mask_token") if wrapper_token else None
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in converted.items() if k in own and own[k].shape != v.shape]
     if bad:
         raise ValueError("EVA-02 weights do not fit this SAC-ViT (wrong size preset?):\n  " + "\n  ".join(bad))
     result = encoder.load_state_dict(converted, strict=False)
+    if mask_token is not None:
+        _copy_mask_token(model.mim_mask_token, mask_token)
     report = LoadReport(list(result.missing_keys), list(result.unexpected_keys))
     if verbose:
         logger.warning(
-            "loaded EVA-02 2D weights from %s: %d tensors, missing %s, unexpected %s",
-            path, len(converted) - len(report.unexpected_keys), report.missing_keys, report.unexpected_keys,
+            "loaded EVA-02 2D weights from %s: %d tensors%s, missing %s, unexpected %s",
+            Path(path), len(converted) - len(report.unexpected_keys),
+            " + mask_token -> mim_mask_token" if mask_token is not None else "", report.missing_keys,
+            report.unexpected_keys,
         )
     return report

@@ -120,6 +120,11 @@ class SACViT(nn.Module):
 
     Token order is raster ``(d, h, w)`` (w fastest). ``num_prefix_tokens`` (1 with a cls token) prefix tokens come
     first; they get no position embedding and no RoPE.
+
+    ``mask_token_pos_embed`` (also a plain attribute, settable after construction): where a ``token_mask`` replaces
+    patch tokens by the mask token, ``True`` (default) adds the absolute position embedding to the mask token as well
+    (BEiT / SimMIM / EVA-02 MIM); ``False`` adds it to the visible tokens only, so a masked position's input is the bare
+    mask token and its position reaches it through RoPE alone (official PUMIT MIM code). Not stored in state dicts.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class SACViT(nn.Module):
         use_mask_token: bool = True,
         scale_attn_inner: bool = False,
         grad_checkpointing: bool = False,
+        mask_token_pos_embed: bool = True,
     ):
         super().__init__()
         if embed_dim % num_heads or (embed_dim // num_heads) % 4:
@@ -145,6 +151,7 @@ class SACViT(nn.Module):
         self.num_heads = num_heads
         self.da = int(da)
         self.grad_checkpointing = grad_checkpointing
+        self.mask_token_pos_embed = bool(mask_token_pos_embed)
         self.num_prefix_tokens = 1 if use_cls_token else 0
 
         self.patch_embed = SACPatchEmbed(input_channels, embed_dim)
@@ -198,8 +205,11 @@ class SACViT(nn.Module):
         self, x: torch.Tensor, da: int | None = None, token_mask: torch.Tensor | None = None,
         mask_token: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Patch tokens ``[B, N, C]`` (mask token substituted, then absolute position embedding added) and the grid.
+        """Patch tokens ``[B, N, C]`` with the absolute position embedding added, and the grid.
 
+        With ``token_mask`` the masked tokens are replaced by the mask token; it gets the position embedding too when
+        :attr:`mask_token_pos_embed` is true (BEiT order: substitute, then add), else it enters bare (official PUMIT
+        MIM: position embedding on the visible tokens only, RoPE still rotates every token inside attention).
         ``mask_token`` (``[1, 1, C]``) overrides :attr:`mask_token`: pretraining wrappers keep their mask token outside
         the encoder (a ``mim_`` key that the segmentation network does not have).
         """
@@ -208,15 +218,18 @@ class SACViT(nn.Module):
         x = self.patch_embed(x, da)
         grid = tuple(x.shape[2:])
         x = x.flatten(2).transpose(1, 2)
-        if token_mask is not None:
-            mask_token = self.mask_token if mask_token is None else mask_token
-            if mask_token is None:
-                raise ValueError("token_mask given but the model was built with use_mask_token=False")
-            if token_mask.shape != x.shape[:2]:
-                raise ValueError(f"token_mask must be [B, N] = {tuple(x.shape[:2])}, got {tuple(token_mask.shape)}")
-            x = torch.where(token_mask.unsqueeze(-1), mask_token.to(x.dtype), x)
         pos = resample_grid(self.pos_embed, grid).flatten(2).transpose(1, 2)
-        return x + pos, grid  # type: ignore[return-value]
+        if token_mask is None:
+            return x + pos, grid  # type: ignore[return-value]
+        mask_token = self.mask_token if mask_token is None else mask_token
+        if mask_token is None:
+            raise ValueError("token_mask given but the model was built with use_mask_token=False")
+        if token_mask.shape != x.shape[:2]:
+            raise ValueError(f"token_mask must be [B, N] = {tuple(x.shape[:2])}, got {tuple(token_mask.shape)}")
+        masked = token_mask.unsqueeze(-1)
+        if self.mask_token_pos_embed:
+            return torch.where(masked, mask_token.to(x.dtype), x) + pos, grid  # type: ignore[return-value]
+        return torch.where(masked, mask_token.to(x.dtype), x + pos), grid  # type: ignore[return-value]
 
     def _run_blocks(
         self, x: torch.Tensor, rope: torch.Tensor, stop: int, keep: Sequence[int] = (),
@@ -246,10 +259,10 @@ class SACViT(nn.Module):
     ) -> torch.Tensor:
         """Final-norm tokens ``[B, P + N, C]`` (P prefix tokens first).
 
-        ``token_mask`` (bool ``[B, N]``): masked tokens are replaced by the mask token before the position embedding
-        (SimMIM / BEiT, PUMIT "MIM Pre-training"). ``visible_idx`` (long ``[B, K]``, indices into the N raster-ordered
-        grid tokens): only those tokens are encoded (MAE); RoPE and position embedding follow their positions and the
-        output is ``[B, P + K, C]`` in ``visible_idx`` order. ``mask_token``: see :meth:`embed`.
+        ``token_mask`` (bool ``[B, N]``): masked tokens are replaced by the mask token, with or without the position
+        embedding (:attr:`mask_token_pos_embed`; PUMIT "MIM Pre-training"). ``visible_idx`` (long ``[B, K]``, indices
+        into the N raster-ordered grid tokens): only those tokens are encoded (MAE); RoPE and position embedding follow
+        their positions and the output is ``[B, P + K, C]`` in ``visible_idx`` order. ``mask_token``: see :meth:`embed`.
         """
         tokens, grid = self.embed(x, da, token_mask, mask_token)
         if visible_idx is not None:

@@ -131,7 +131,14 @@ class SoftQuantizer(nn.Module):
 
 
 class SACTokenizerDecoder(nn.Module):
-    """Soft-token embeddings at the token grid -> image ``[B, C_out, D, H, W]``."""
+    """Soft-token embeddings at the token grid -> image ``[B, C_out, D, H, W]``.
+
+    Not invariant to the degree of anisotropy (unlike the encoder): where a SAC transposed conv keeps the depth
+    resolution it sums its kernel over depth, where the isotropic network on a depth-stretched volume followed by
+    depth averaging would average. A decoder trained at one DA therefore reconstructs at another DA with a different
+    scale (relative to DA 0: 2x at DA 1, 4x at DA 2; at DA 3-4 about 4x and no longer a pure rescaling). Only the
+    encoder (the MIM targets) transfers across DAs (documentation/pumit.md, section 9).
+    """
 
     def __init__(self, out_channels: int, channels: Sequence[int] = (128, 256, 512), embedding_dim: int = 512):
         super().__init__()

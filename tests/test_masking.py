@@ -1,4 +1,7 @@
-"""Two-level masking: grid derivation, mask/label alignment by sub-volume, explicit voxel masks."""
+"""Two-level masking: grid derivation, mask/label alignment by sub-volume, explicit voxel masks; token-mask counts."""
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -97,8 +100,28 @@ def test_apply_mask_never_confuses_real_zeros():
     assert y[0, :, 0, 0, 0].tolist() == [-7.0, -7.0] and (y[0, :, 1:] == 0).all()
 
 
-def test_random_token_mask_exact_count():
-    m = random_token_mask(4, 216, 0.75)
-    assert (m.sum(1) == 162).all()
+# Token masks (MAE / SimMIM / token MIM). The documented rule (documentation/deviations.md, "MIM mask count") masks
+# floor(ratio * N) tokens: 118 of 216 at PUMIT's 0.55, where the official PUMIT code (num_visible = int(N (1 - r)))
+# masks 119. The expected counts below are worked out by hand from that rule; cases where ratio * N is not an integer
+# tell it apart from the official rule (which would give 119, 87, 58, 9, 5, 2 in those rows).
+@pytest.mark.parametrize("n, ratio, expected", [
+    (216, "0.55", 118),  # PUMIT mask ratio, 6^3 tokens: 118.8 -> 118 (the number the docs quote)
+    (216, "0.4", 86),  # 86.4
+    (216, "0.75", 162),  # exact: MIM-Med3D MAE, 96^3 / 16^3
+    (500, "0.55", 275),  # exact: the official MIM crop of 5 x 10 x 10 tokens
+    (105, "0.55", 57),  # 57.75
+    (9, "0.9", 8),  # 8.1
+    (8, "0.55", 4),  # 4.4
+    (3, "0.5", 1),  # 1.5
+])
+def test_random_token_mask_count_follows_the_documented_rule(n, ratio, expected):
+    assert expected == math.floor(Fraction(ratio) * n)  # the table is the documented rule, in exact arithmetic
+    m = random_token_mask(6, n, float(ratio), generator=torch.Generator().manual_seed(n))
+    assert m.shape == (6, n) and m.dtype == torch.bool
+    assert m.sum(1).tolist() == [expected] * 6
+    assert len({tuple(row.tolist()) for row in m}) > 1  # random per sample, not one fixed pattern
+
+
+def test_random_token_mask_rejects_ratio_one():
     with pytest.raises(ValueError):
         random_token_mask(1, 10, 1.0)

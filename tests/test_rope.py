@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from timm.layers import RotaryEmbeddingCat
-from timm.models.eva import EvaAttention
+from timm.models.eva import EvaAttention, EvaBlock
 
 from nnunet_mim.core.rope import AdditiveRoPE3d, apply_rope, grid_positions, rope_frequencies
 
@@ -107,6 +107,39 @@ def test_works_inside_timm_eva_attention():
     x = torch.randn(2, 1 + 12, 32)
     y = attn(x, rope=rope((2, 2, 3)))
     assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def _rope_only_attention_outputs(module, x: torch.Tensor, rope: AdditiveRoPE3d, positions: torch.Tensor):
+    return module(x, rope=rope.embed_positions(positions, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["attention", "block"])
+def test_relativity_inside_eva_attention(kind):
+    """Inside timm's EvaAttention / EvaBlock (as SAC-ViT uses them), with RoPE the only position signal: moving every
+    token by the same (d, h, w) offset leaves the output unchanged, so the attention logits of any two tokens depend on
+    their relative position only; moving tokens relative to each other changes it."""
+    if kind == "attention":
+        module = EvaAttention(32, num_heads=2, qkv_fused=False, num_prefix_tokens=0, scale_norm=False)
+    else:
+        module = EvaBlock(32, num_heads=2, qkv_bias=True, qkv_fused=False, mlp_ratio=8 / 3, swiglu_mlp=True,
+                          scale_mlp=True, num_prefix_tokens=0)
+    module = module.double().eval()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)  # q / v biases start at 0: make them count
+    rope = AdditiveRoPE3d(16)
+    pos = grid_positions((2, 3, 4))
+    x = torch.randn(2, len(pos), 32, dtype=torch.float64)
+    with torch.no_grad():
+        ref = _rope_only_attention_outputs(module, x, rope, pos)
+        for offset in [(1, 0, 0), (0, 2, -3), (5, -7, 11), (40, 100, -60)]:
+            shifted = _rope_only_attention_outputs(module, x, rope, pos + torch.tensor(offset))
+            assert torch.allclose(shifted, ref, atol=1e-9), (offset, (shifted - ref).abs().max())
+        # not vacuous: a non-rigid move (depth stretched, or tokens exchanging places) changes the output
+        stretched = _rope_only_attention_outputs(module, x, rope, pos * torch.tensor([3, 1, 1]))
+        shuffled = _rope_only_attention_outputs(module, x, rope, pos[torch.randperm(len(pos))])
+    assert (stretched - ref).abs().max() > 1e-3 and (shuffled - ref).abs().max() > 1e-3
 
 
 def _min_gaps(rope: AdditiveRoPE3d, grid, pairs) -> torch.Tensor:

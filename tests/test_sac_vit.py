@@ -139,6 +139,60 @@ def test_token_mask():
         _encoder(use_mask_token=False).forward_features(x, token_mask=mask)
 
 
+@pytest.mark.parametrize("da", [0, 2])
+def test_mask_token_position_embedding_option(da):
+    """mask_token_pos_embed=False (official PUMIT MIM): a masked position's encoder input is the bare mask token and
+    does not depend on the absolute position embedding; True (default, BEiT order): it moves with it."""
+    x = torch.randn(2, 1, 2 * (16 >> da), 32, 32)  # grid 2 x 2 x 2
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[0, [1, 6]] = True
+    mask[1, [0, 3, 7]] = True
+    rope_only = _encoder(da=da, mask_token_pos_embed=False)
+    beit = _encoder(da=da)
+    beit.load_state_dict(rope_only.state_dict())  # the option is not part of the state dict
+    assert beit.mask_token_pos_embed and not rope_only.mask_token_pos_embed
+    inputs = {}
+    with torch.no_grad():
+        for step in ("before", "after"):
+            for name, enc in (("rope_only", rope_only), ("beit", beit)):
+                inputs[name, step] = enc.embed(x, da, mask)[0]
+                enc.pos_embed.add_(torch.randn_like(enc.pos_embed))  # a different position embedding next round
+    a, b = inputs["rope_only", "before"], inputs["rope_only", "after"]
+    assert torch.equal(a[mask], b[mask])  # masked inputs ignore the position embedding ...
+    assert torch.equal(a[mask][0], a[mask][-1])  # ... so every masked position gets the same vector
+    assert not torch.allclose(a[~mask], b[~mask])  # visible tokens still carry it
+    a2, b2 = inputs["beit", "before"], inputs["beit", "after"]
+    assert not torch.allclose(a2[mask], b2[mask])  # BEiT order: the masked inputs move with the position embedding
+    assert torch.equal(a[~mask], a2[~mask])  # visible tokens are the same in both modes
+    with torch.no_grad():  # the masked positions' content stays invisible in both modes
+        x2 = x.clone()
+        x2[1, :, : 16 >> da, :16, :16] += 5.0  # token 0 of sample 1 (masked)
+        for enc in (rope_only, beit):
+            assert torch.allclose(enc.forward_features(x, token_mask=mask), enc.forward_features(x2, token_mask=mask))
+
+
+@pytest.mark.parametrize("da", [1, 2, 3, 4])
+def test_encoder_output_is_invariant_to_anisotropy(da):
+    """A volume with 2**DA times fewer slices, run at DA, gives the encoder output (all tokens, cls included) of the
+    same volume stretched along depth (each slice repeated 2**DA times) and run as isotropic (DA 0): SAC patch
+    embedding, position embedding and RoPE all see the same token grid."""
+    enc = _encoder(depth=2, pos_embed_grid=(2, 3, 3)).double()
+    low = torch.randn(2, 1, 2 * (16 >> da), 32, 48, dtype=torch.float64)  # grid 2 x 2 x 3
+    stretched = low.repeat_interleave(1 << da, dim=2)  # 32 x 32 x 48 voxels
+    with torch.no_grad():
+        out_low = enc.forward_features(low, da=da)
+        out_iso = enc.forward_features(stretched, da=0)
+        mask = torch.zeros(2, 12, dtype=torch.bool)
+        mask[:, [2, 7]] = True
+        masked_low = enc.forward_features(low, token_mask=mask, da=da)
+        masked_iso = enc.forward_features(stretched, token_mask=mask, da=0)
+        other = enc.forward_features(torch.randn_like(low), da=da)
+    assert out_low.shape == out_iso.shape == (2, 1 + 12, 48)
+    assert torch.allclose(out_low, out_iso, atol=1e-9, rtol=0), (out_low - out_iso).abs().max()
+    assert torch.allclose(masked_low, masked_iso, atol=1e-9, rtol=0)
+    assert (other - out_low).abs().max() > 1e-2  # the input matters (the comparison is not vacuous)
+
+
 def test_visible_subset_path():
     enc = _encoder()
     x = torch.randn(2, 1, 16, 32, 48)  # grid 1x2x3
@@ -261,6 +315,20 @@ def test_eva02_safetensors_and_missing_file(tmp_path):
     safetensors.save_file({k: v.contiguous() for k, v in eva.state_dict().items()}, str(tmp_path / "eva.safetensors"))
     report = load_eva02_2d_weights(_encoder(pos_embed_grid=(1, 3, 3)), tmp_path / "eva.safetensors")
     assert report.unexpected_keys == []
+
+
+def test_eva02_mask_token_loads_into_the_encoder_mask_token(tmp_path):
+    """An EVA-02 MIM checkpoint's mask_token (original layout, {'module': ...}) goes to an encoder built with a mask
+    token; a network without any mask token reports it as unused."""
+    eva = _tiny_eva()
+    token = torch.randn(1, 1, 48)
+    path = _save({"module": {**eva.state_dict(), "mask_token": token}}, tmp_path / "eva02_pt.pt")
+    enc = _encoder(pos_embed_grid=(1, 3, 3))
+    report = load_eva02_2d_weights(enc, path)
+    assert report.unexpected_keys == [] and report.missing_keys == []
+    assert torch.equal(enc.mask_token, token)
+    seg = SACViTSeg(1, 2, (32, 32, 32), da=0, **{**TINY, "depth": 2, "out_indices": [0, 0, 1, 1]})
+    assert load_eva02_2d_weights(seg, path).unexpected_keys == ["mask_token"]
 
 
 def test_eva02_wrong_size_raises(tmp_path):

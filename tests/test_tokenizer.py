@@ -179,6 +179,24 @@ def test_tokenizer_grid_equals_sac_vit_grid(da, patch):
     check_token_grids(tok, SACViTPretrainNet(seg), patch)
 
 
+@pytest.mark.parametrize("da", [1, 2, 3, 4])
+def test_tokenizer_encoder_is_invariant_to_anisotropy(da):
+    """The tokenizer's encoder (and so the MIM targets) gives the same feature map and token logits for a volume with
+    2**DA times fewer slices run at DA as for the same volume stretched along depth (each slice repeated 2**DA times)
+    and run as isotropic (DA 0). (Its decoder is not invariant: documentation/pumit.md, section 9.)"""
+    tok = VisualTokenizer(SMALL, 0).eval().double()
+    low = torch.randn(2, 1, 2 * (16 >> da), 32, 48, dtype=torch.float64)
+    stretched = low.repeat_interleave(1 << da, dim=2)
+    with torch.no_grad():
+        z_low, z_iso = tok.encoder(low, da), tok.encoder(stretched, 0)
+        (logits_low, grid_low), (logits_iso, grid_iso) = tok.encode(low, da), tok.encode(stretched, 0)
+        other = tok.encode(torch.randn_like(low), da)[0]
+    assert z_low.shape == z_iso.shape == (2, SMALL.channels[2], 2, 2, 3) and grid_low == grid_iso == (2, 2, 3)
+    assert torch.allclose(z_low, z_iso, atol=1e-9, rtol=0), (z_low - z_iso).abs().max()
+    assert torch.allclose(logits_low, logits_iso, atol=1e-9, rtol=0)
+    assert (other - logits_low).abs().max() > 1e-3  # the input matters (the comparison is not vacuous)
+
+
 def test_token_grid_mismatch_is_a_clear_error():
     from nnunet_mim.architectures.sac_vit import SACViTPretrainNet
 

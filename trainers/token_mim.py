@@ -42,8 +42,10 @@ from nnunet_mim.core.masking import random_token_mask
 from nnunet_mim.core.patches import token_mask_to_voxels
 from nnunet_mim.nnunet.preview import save_codebook_usage, save_volume_panels
 from nnunet_mim.core.sac import degree_of_anisotropy, sac_token_size
+from nnunet_mim.nnunet.eva02_weights import load_eva02_mask_token
 from nnunet_mim.trainers.base import MIMPretrainerBase
 from nnunet_mim.trainers.sac_vit import (
+    EVA02_WEIGHTS_ENV,
     NO_WEIGHT_DECAY_NAMES,
     SACViTPretrainerBase,
     build_sac_vit_seg,
@@ -371,10 +373,17 @@ def load_tokenizer(path: str, da: int, num_input_channels: int) -> tuple[VisualT
 
 
 class TokenMIMNet(SACViTPretrainNet):
-    """SAC-ViT + learnable mask token + MLP head (one hidden layer, GELU) -> codebook logits (PUMIT "MIM")."""
+    """SAC-ViT + learnable mask token + MLP head (one hidden layer, GELU) -> codebook logits (PUMIT "MIM").
 
-    def __init__(self, seg: SACViTSeg, num_embeddings: int):
+    ``mim_mask_token`` is the mask token token MIM uses (the segmentation encoder has none); EVA-02 initialisation
+    loads EVA-02's MIM mask token into it. ``mask_token_pos_embed`` sets the encoder's
+    :attr:`~nnunet_mim.architectures.sac_vit.SACViT.mask_token_pos_embed`: ``True`` adds the absolute position embedding
+    to the mask token (BEiT order), ``False`` gives it RoPE only (official PUMIT code).
+    """
+
+    def __init__(self, seg: SACViTSeg, num_embeddings: int, mask_token_pos_embed: bool = True):
         super().__init__(seg)
+        self.encoder.mask_token_pos_embed = bool(mask_token_pos_embed)
         c = self.embed_dim
         self.mim_mask_token = nn.Parameter(torch.zeros(1, 1, c))
         trunc_normal_(self.mim_mask_token, std=0.02)
@@ -395,9 +404,14 @@ class TokenMIMNet(SACViTPretrainNet):
 class TokenMIMPretrainer(SACViTPretrainerBase):
     """Stage 2 (PUMIT "MIM Pre-training", eq. 6): mask 55 % of the SAC-ViT tokens uniformly (learnable mask token,
     all blocks see it), predict the frozen tokenizer's soft token at every masked position with an MLP head, loss =
-    cross-entropy against the soft targets. Logged: ``token_ce`` and ``token_kl`` = KL(target || prediction)."""
+    cross-entropy against the soft targets. Logged: ``token_ce`` and ``token_kl`` = KL(target || prediction).
+
+    ``mask_token_pos_embed``: the mask token gets the absolute position embedding (``True``, BEiT order) or RoPE only
+    (``False``, official PUMIT code; ``TokenMIMPretrainer_maskTokenRoPEOnly``). With ``$nnUNet_mim_eva02_weights`` set,
+    EVA-02's MIM mask token initialises ``mim_mask_token`` as well as the encoder."""
 
     mask_ratio: float = 0.55
+    mask_token_pos_embed: bool = True
     tokenizer_trainer: str = TOKENIZER_TRAINER
     grad_clip_norm: float = 0.5  # official MIM
     loss_components = ("token_ce", "token_kl")
@@ -418,14 +432,29 @@ class TokenMIMPretrainer(SACViTPretrainerBase):
         channels = determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
         self.tokenizer, self.tokenizer_description = load_tokenizer(path, da, channels)
         self.tokenizer.to(self.device)
-        super().initialize()
+        super().initialize()  # builds the network; EVA-02 weights (if set) go into the encoder
+        self._maybe_load_eva02_mask_token()
         check_token_grids(self.tokenizer, self.mim_model, self.configuration_manager.patch_size)
         model = self.mim_model
         self.print_to_log_file(
             f"Token MIM: {self.tokenizer_description}; SAC-ViT embed {model.embed_dim}, depth "
             f"{len(model.encoder.blocks)}, DA {model.da}, token grid {model.token_grid()} (= the tokenizer's), mask "
             f"ratio {self.mask_ratio} ({int(self.mask_ratio * math.prod(model.token_grid()))} of "
-            f"{math.prod(model.token_grid())} tokens), head -> {self.tokenizer.num_embeddings} codes")
+            f"{math.prod(model.token_grid())} tokens), mask token "
+            f"{'+ absolute position embedding + RoPE' if model.encoder.mask_token_pos_embed else 'with RoPE only'}, "
+            f"head -> {self.tokenizer.num_embeddings} codes")
+
+    def _maybe_load_eva02_mask_token(self) -> None:
+        """EVA-02's MIM mask token -> ``mim_mask_token`` (the encoder load above has no mask token to put it in)."""
+        path = settings.read(EVA02_WEIGHTS_ENV)
+        if not path:
+            return
+        if load_eva02_mask_token(self.mim_model, path):
+            self.print_to_log_file(f"mim_mask_token initialised from the EVA-02 mask_token in {path} (the "
+                                   f"'mask_token' listed as unused above)")
+        else:
+            self.print_to_log_file(f"{path} holds no mask_token (e.g. timm's EVA-02 weights drop it): mim_mask_token "
+                                   f"keeps its random initialisation")
 
     def build_network_architecture(self, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
@@ -435,7 +464,7 @@ class TokenMIMPretrainer(SACViTPretrainerBase):
             raise RuntimeError("TokenMIMPretrainer builds its network after loading the tokenizer (initialize())")
         seg = build_sac_vit_seg(plans_manager, configuration_manager, num_input_channels, num_output_channels,
                                 type(self).__name__)
-        return TokenMIMNet(seg, self.tokenizer.num_embeddings)
+        return TokenMIMNet(seg, self.tokenizer.num_embeddings, self.mask_token_pos_embed)
 
     def compute_losses(self, data: torch.Tensor, training: bool) -> dict[str, torch.Tensor]:
         model = self.mim_model
@@ -500,3 +529,10 @@ class TokenMIMPretrainer_mask40(TokenMIMPretrainer):
 
 class TokenMIMPretrainer_mask75(TokenMIMPretrainer):
     mask_ratio = 0.75
+
+
+class TokenMIMPretrainer_maskTokenRoPEOnly(TokenMIMPretrainer):
+    """The official PUMIT code's mask token: the absolute position embedding is added to the visible tokens only; a
+    masked position's input is the bare mask token, located by RoPE inside attention."""
+
+    mask_token_pos_embed = False

@@ -131,7 +131,7 @@ def read_eva02_state_dict(path: str | Path) -> dict:
 
 
 def _mask_token_target(model: nn.Module) -> nn.Parameter | None:
-    """The mask token that masked pretraining of ``model`` uses: the encoder's own, else a wrapper's ``mim_mask_token``."""
+    """The mask token masked pretraining of ``model`` uses: the encoder's own, else a wrapper's ``mim_mask_token``."""
     encoder = getattr(model, "encoder", model)
     if isinstance(getattr(encoder, "mask_token", None), nn.Parameter):
         return encoder.mask_token
@@ -179,7 +179,10 @@ def load_eva02_2d_weights(model: nn.Module, path: str | Path, verbose: bool = Tr
     mask_token = converted.pop("mask_token") if wrapper_token else None
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in converted.items() if k in own and own[k].shape != v.shape]
-    if bad:
+    if mask_token is not None and mask_token.numel() != model.mim_mask_token.numel():
+        bad.append(f"mask_token: checkpoint {tuple(mask_token.shape)} vs mim_mask_token "
+                   f"{tuple(model.mim_mask_token.shape)}")
+    if bad:  # checked before anything is loaded
         raise ValueError("EVA-02 weights do not fit this SAC-ViT (wrong size preset?):\n  " + "\n  ".join(bad))
     result = encoder.load_state_dict(converted, strict=False)
     if mask_token is not None:

@@ -110,8 +110,8 @@ def test_clear_errors(tiny_workspace, pretrained):
               for k, v in ours.items() if k.startswith("encoder.swinViT.")}
     torch.save({"state_dict": nvidia}, ws.root / "model_swinvit.pt")
     converted = ws.root / "swin_converted.pth"
-    run = ws.run("python", "-m", "nnunet_mim.architectures.swin_unetr", "convert", str(ws.root / "model_swinvit.pt"),
-                 str(converted), "-d", str(TINY_ID), "-c", SWIN)
+    run = ws.run("nnunet_mim", "convert-swin", str(ws.root / "model_swinvit.pt"), str(converted), "-d", str(TINY_ID),
+                 "-c", SWIN)
     assert f"{len(nvidia)} tensors loaded" in run.stdout and "merging_legacy" in run.stdout  # mergingv2 config
     weights = torch.load(converted, map_location="cpu", weights_only=True)["network_weights"]
     assert all(torch.equal(weights[k], v) for k, v in ours.items() if k.startswith("encoder."))

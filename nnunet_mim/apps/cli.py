@@ -11,7 +11,8 @@
     nnunet_mim settings                       the environment variables nnunet_mim reads, and their values
     nnunet_mim build-data ...                 offline real-scan nnU-Net datasets (documentation/data.md)
     nnunet_mim evaluate ...                   Dice, HD95, ASSD of a prediction folder
-    nnunet_mim demo / study / benchmark ...   the README demo, the label-efficiency study, step benchmarks
+    nnunet_mim demo / study / probe ...       the README demo, the label-efficiency study, the downstream probe
+    nnunet_mim benchmark ...                  step time and memory, side by side
 """
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ class HybridMIMModel(nn.Module):
 
     def __init__(self, network: nn.Module, patch_size: Sequence[int], mask_ratio: float = 0.4,
                  partial_region: bool = True, region_fraction: float = 2 / 3, region_placement: str = "center",
-                 encoder_dropout: float = 0.1, projection_dim: int = 384, pool: Sequence[int] | None = None):
+                 encoder_dropout: float = 0.1, projection_dim: int = 384, pool: Sequence[int] | str | None = None):
         super().__init__()
         check_encoder_decoder_network(network)
         self.encoder = network.encoder

@@ -107,11 +107,12 @@ def test_ddp_step_synchronises_every_trained_parameter():
 
 def test_paper_grid_gives_32_voxel_subvolumes_where_the_plan_allows():
     from nnunet_mim.core.masking import derive_grid
-    from nnunet_mim.trainers.hybridmim import paper_subvolume_cells
+    from nnunet_mim.core.masking import paper_subvolume_cells
 
     assert paper_subvolume_cells((96, 96, 96), (16, 16, 16)) == (2, 2, 2)
     grid = derive_grid((96, 96, 96), (16, 16, 16), paper_subvolume_cells((96, 96, 96), (16, 16, 16)))
     assert grid.subvolume == (32, 32, 32) and grid.mask_patch == (16, 16, 16) and grid.grid_shape == (3, 3, 3)
+    assert derive_grid((96, 96, 96), (16, 16, 16), "paper") == grid  # what the trainer setting "paper" asks for
     # an axis whose patch is no multiple of 32 keeps the default (one bottleneck cell per sub-volume)
     assert paper_subvolume_cells((28, 56, 64), (4, 8, 8)) == (1, 1, 4)
     assert paper_subvolume_cells((96, 96, 96), (32, 32, 32)) == (1, 1, 1)  # SwinUNETR: one token is 32^3 already

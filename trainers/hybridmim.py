@@ -8,7 +8,6 @@ speed comparison), ``_paperGrid`` (the paper's 32^3 sub-volumes where the plan a
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -34,16 +33,6 @@ ABLATIONS = {
 
 def ablation_weights(kept) -> dict[str, float]:
     return {k: (w if k in kept else 0.0) for k, w in FULL_WEIGHTS.items()}
-
-
-PAPER_SUBVOLUME = 32  # voxels per axis: HybridMIM masks 32^3 sub-volumes split into 16^3 patches (96^3 crops)
-
-
-def paper_subvolume_cells(patch_size, bottleneck_stride) -> tuple[int, ...]:
-    """Bottleneck cells per sub-volume giving the paper's 32-voxel sub-volume edge on every axis where the stride
-    divides 32 and the patch is a multiple of 32; elsewhere the default (one cell, two where the stride is 1)."""
-    return tuple(PAPER_SUBVOLUME // s if s <= PAPER_SUBVOLUME and PAPER_SUBVOLUME % s == 0 and p % PAPER_SUBVOLUME == 0
-                 else (1 if s >= 2 else 2) for p, s in zip(patch_size, bottleneck_stride))
 
 
 class HybridMIMPretrainer(MIMPretrainerBase):
@@ -74,12 +63,9 @@ class HybridMIMPretrainer(MIMPretrainerBase):
         """The planned network, built to reconstruct its input channels, wrapped with the HybridMIM heads."""
         network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                            num_input_channels, False)
-        pool = cls.subvolume_cells
-        if pool == "paper":
-            stride = [int(s) for s in np.prod(configuration_manager.pool_op_kernel_sizes, axis=0)]
-            pool = paper_subvolume_cells(configuration_manager.patch_size, stride)
         return HybridMIMModel(network, configuration_manager.patch_size, cls.mask_ratio, cls.partial_region,
-                              cls.region_fraction, cls.region_placement, cls.encoder_dropout, pool=pool)
+                              cls.region_fraction, cls.region_placement, cls.encoder_dropout,
+                              pool=cls.subvolume_cells)
 
     family = "HybridMIMPretrainer"  # the name its variants extend (HybridMIMPretrainer_recPerception, ...)
 

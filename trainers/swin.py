@@ -141,7 +141,8 @@ class HybridMIMPretrainerSwin(HybridMIMPretrainer):
                                          num_input_channels, num_input_channels, allow_init=True,
                                          deep_supervision=False)
         return HybridMIMModel(network, configuration_manager.patch_size, cls.mask_ratio, cls.partial_region,
-                              cls.region_fraction, cls.region_placement, cls.encoder_dropout)
+                              cls.region_fraction, cls.region_placement, cls.encoder_dropout,
+                              pool=cls.subvolume_cells)
 
     def initialize(self):
         if not self.was_initialized:

@@ -58,20 +58,33 @@ class TwoLevelGrid:
         return self.num_subvolumes * LOCATIONS_PER_SUBVOLUME
 
 
+PAPER_SUBVOLUME = 32  # voxels per axis: HybridMIM masks 32^3 sub-volumes split into 16^3 patches (96^3 crops)
+
+
+def paper_subvolume_cells(patch_size: Sequence[int], bottleneck_stride: Sequence[int]) -> tuple[int, ...]:
+    """Bottleneck cells per sub-volume giving the paper's 32-voxel sub-volume edge on every axis where the stride
+    divides 32 and the patch is a multiple of 32; elsewhere the default (one cell, two where the stride is 1)."""
+    return tuple(PAPER_SUBVOLUME // s if s <= PAPER_SUBVOLUME and PAPER_SUBVOLUME % s == 0 and p % PAPER_SUBVOLUME == 0
+                 else (1 if s >= 2 else 2) for p, s in zip(patch_size, bottleneck_stride))
+
+
 def derive_grid(patch_size: Sequence[int], bottleneck_stride: Sequence[int],
-                pool: Sequence[int] | None = None) -> TwoLevelGrid:
+                pool: Sequence[int] | str | None = None) -> TwoLevelGrid:
     """Derive the two-level grid so that one sub-volume maps exactly onto ``pool`` bottleneck cells.
 
     ``bottleneck_stride`` is the network's total downsampling per axis (product of the plan's strides).
     By default ``pool`` is 1 on every axis where the stride is at least 2, and the smallest power of two
-    that makes the sub-volume splittable in 2 where the stride is 1 (strongly anisotropic plans).
+    that makes the sub-volume splittable in 2 where the stride is 1 (strongly anisotropic plans); ``"paper"``
+    gives the paper's 32-voxel sub-volumes where the plan allows (:func:`paper_subvolume_cells`).
     Raises ``ValueError`` naming sizes that would work when the patch cannot be tiled.
     """
     patch_size = tuple(int(p) for p in patch_size)
     stride = tuple(int(s) for s in bottleneck_stride)
     if len(patch_size) != 3 or len(stride) != 3:
         raise ValueError(f"HybridMIM needs a 3D patch and 3D strides, got patch {patch_size}, stride {stride}.")
-    if pool is None:
+    if pool == "paper":
+        pool = paper_subvolume_cells(patch_size, stride)
+    elif pool is None:
         pool = tuple(1 if s >= 2 else 2 for s in stride)
     pool = tuple(int(p) for p in pool)
     subvolume = tuple(s * p for s, p in zip(stride, pool))

@@ -96,3 +96,22 @@ def test_rerun_resumes_finished_and_interrupted_runs(study):
     resumed = ws.run(*cmd)
     assert "run 1 of 1: scratch" in resumed.stdout and " --c" in resumed.stdout
     assert record.exists() and (folder / "checkpoint_final.pth").exists()
+
+
+def test_records_made_with_other_weights_are_set_aside(tmp_path):
+    from nnunet_mim.apps.study import Arm, Budget, Study, file_digest
+
+    said = []
+    weights = tmp_path / "checkpoint_final.pth"
+    weights.write_bytes(b"pretraining redone")
+    study = Study(1, "3d_x", [], [0.2], [0], Budget(1, 1, 1), tmp_path / "out",
+                  pipeline=type("P", (), {"say": staticmethod(said.append)})(), command="")
+    study.runs_dir.mkdir(parents=True)
+    arm = Arm("pretrained", "T", str(weights))
+    (study.runs_dir / "pretrained__f020__s0.json").write_text(json.dumps({"weights_sha256": "0123456789abcdef"}))
+    (study.runs_dir / "pretrained__f020__s1.json").write_text(json.dumps({"weights_sha256": file_digest(weights)}))
+    (study.runs_dir / "scratch__f020__s0.json").write_text(json.dumps({"weights_sha256": None}))
+    study.set_aside_stale_records(arm)
+    assert sorted(p.name for p in study.runs_dir.glob("*.json")) == ["pretrained__f020__s1.json",
+                                                                     "scratch__f020__s0.json"]
+    assert (study.runs_dir / "stale" / "pretrained__f020__s0.json").exists() and "other weights" in said[0]

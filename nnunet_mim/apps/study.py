@@ -233,6 +233,7 @@ class Study:
         for arm in self.arms:
             if arm.weights and not Path(arm.weights).is_file():
                 raise FileNotFoundError(f"arm {arm.name}: no checkpoint at {arm.weights}")
+            self.set_aside_stale_records(arm)
         folds = self.folds(name)
         # lowest label fraction first: the cells that answer the main question finish first
         cells = [(fraction, seed, arm) for fraction in self.fractions for seed in self.seeds for arm in self.arms]
@@ -257,6 +258,20 @@ class Study:
         report = self.write_report(name)
         self.p.say(f"study complete: {report}")
         return report
+
+    def set_aside_stale_records(self, arm: Arm) -> None:
+        """Records of ``arm`` made with other weights than its checkpoint now (e.g. pretraining redone in a new
+        sitting) would mix two models in one arm: they move to ``runs/stale/`` and their runs are redone."""
+        if not arm.weights:
+            return
+        digest = file_digest(arm.weights)
+        for path in sorted(self.runs_dir.glob(f"{arm.name}__*.json")):
+            made_with = json.loads(path.read_text()).get("weights_sha256")
+            if made_with != digest:
+                (self.runs_dir / "stale").mkdir(exist_ok=True)
+                path.replace(self.runs_dir / "stale" / path.name)
+                self.p.say(f"WARNING: {path.name} was made with other weights ({made_with}, now {digest}): moved to "
+                           f"runs/stale/; the run is redone with the current checkpoint")
 
     def records(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.runs_dir.glob("*.json"))]

@@ -8,7 +8,8 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
 from conftest import TINY_CONFIG, TINY_ID, TRAIN_BUDGET, fold_folder
-from nnunet_mim.trainers.probe import freeze_all_but, probe_trainer_for
+from nnunet_mim.nnunet.weights import freeze_all_but
+from nnunet_mim.trainers.probe import probe_trainer_for
 
 
 def _unet():

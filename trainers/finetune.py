@@ -22,7 +22,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_mim.core.schedules import FunctionalLRSchedule, warmup_cosine, warmup_poly
 from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR, refuse_unlabeled_dataset
-from nnunet_mim.nnunet.weights import load_pretrained_weights_safely
+from nnunet_mim.nnunet.weights import (
+    freeze_all_but,
+    is_segmentation_head,
+    load_pretrained_weights_safely,
+    unwrap,
+)
 
 
 def route_pretrained_weights_through_safe_loader() -> None:
@@ -95,7 +100,6 @@ class nnUNetTrainerMIMScratchAdamW(nnUNetTrainerMIMFinetuneAdamW):
 
 
 # ---- recipes for pretrained weights (chosen on the validation split by `nnunet_mim study`) -------------------------
-HEADS = ".seg_layers."
 
 
 class nnUNetTrainerMIMFinetuneAdamW_headsFirst(nnUNetTrainerMIMFinetuneAdamW):
@@ -105,9 +109,7 @@ class nnUNetTrainerMIMFinetuneAdamW_headsFirst(nnUNetTrainerMIMFinetuneAdamW):
     heads_first_fraction: float = 0.1
 
     def _set_body_trainable(self, trainable: bool) -> None:
-        for name, p in self.network.named_parameters():
-            if HEADS not in name:
-                p.requires_grad_(trainable)
+        freeze_all_but(unwrap(self.network), "all" if trainable else "heads")
 
     def train_step(self, batch: dict) -> dict:
         step = self.current_epoch * self.num_iterations_per_epoch + self._iteration_in_epoch
@@ -122,8 +124,8 @@ class nnUNetTrainerMIMFinetuneAdamW_bodyLr01(nnUNetTrainerMIMFinetuneAdamW):
     body_lr_scale: float = 0.1
 
     def make_optimizer(self) -> torch.optim.Optimizer:
-        heads = [p for n, p in self.network.named_parameters() if HEADS in n]
-        body = [p for n, p in self.network.named_parameters() if HEADS not in n]
+        heads = [p for n, p in self.network.named_parameters() if is_segmentation_head(n)]
+        body = [p for n, p in self.network.named_parameters() if not is_segmentation_head(n)]
         return torch.optim.AdamW([{"params": body, "lr_scale": self.body_lr_scale}, {"params": heads}],
                                  self.initial_lr, weight_decay=self.weight_decay)
 

@@ -18,31 +18,10 @@ and SAC-ViT (our configurations). The recipe is AdamW with warmup and cosine, lr
 """
 from __future__ import annotations
 
-from torch import nn
-
-from nnunet_mim.nnunet.weights import unwrap
+from nnunet_mim.nnunet.weights import freeze_all_but, unwrap
 from nnunet_mim.trainers.finetune import nnUNetTrainerMIMFinetuneAdamW
 from nnunet_mim.trainers.sac_vit import nnUNetTrainerSACViT
 from nnunet_mim.trainers.swin import nnUNetTrainerSwinUNETR
-
-HEADS = ".seg_layers."
-
-
-def freeze_all_but(module: nn.Module, part: str) -> tuple[int, int]:
-    """Set ``requires_grad`` so that only ``part`` (``"heads"``: names with ``.seg_layers.``; ``"decoder"``: names
-    starting with ``decoder.``) trains. Returns (trained, total) parameter counts."""
-    if part not in ("heads", "decoder"):
-        raise ValueError(f"probe part must be 'heads' or 'decoder', got {part!r}")
-    trained = total = 0
-    for name, p in module.named_parameters():
-        p.requires_grad_(HEADS in name if part == "heads" else name.startswith("decoder."))
-        trained += p.numel() if p.requires_grad else 0
-        total += p.numel()
-    if trained == 0:
-        raise RuntimeError(f"no parameter of {type(module).__name__} matches the probe part {part!r} (heads are "
-                           f"named '*{HEADS}*', the decoder 'decoder.*')")
-    return trained, total
-
 
 class ProbeMixin:
     """Freeze all but :attr:`probe_part` of the network before the optimiser is built."""
@@ -93,6 +72,6 @@ def probe_trainer_for(network_class_name: str, part: str = "heads") -> str:
     return family + ("Decoder" if part == "decoder" else "")
 
 
-__all__ = ["ProbeMixin", "freeze_all_but", "probe_trainer_for", "nnUNetTrainerProbe", "nnUNetTrainerProbeDecoder",
+__all__ = ["ProbeMixin", "probe_trainer_for", "nnUNetTrainerProbe", "nnUNetTrainerProbeDecoder",
            "nnUNetTrainerSwinUNETRProbe", "nnUNetTrainerSwinUNETRProbeDecoder", "nnUNetTrainerSACViTProbe",
            "nnUNetTrainerSACViTProbeDecoder"]

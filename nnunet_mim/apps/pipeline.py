@@ -139,6 +139,17 @@ class Pipeline:
         return final
 
 
+def dataset_name(preprocessed: Path, dataset: str | int) -> str:
+    """``DatasetXXX_Name`` of a dataset given by id or name, from the preprocessed folder (it must be planned)."""
+    dataset = str(dataset)
+    matches = [d.name for d in sorted(Path(preprocessed).iterdir()) if d.is_dir() and (
+        d.name == dataset or (dataset.isdigit() and d.name.startswith(f"Dataset{int(dataset):03d}_")))]
+    if len(matches) != 1:
+        raise FileNotFoundError(f"dataset {dataset} is not (or not uniquely) in {preprocessed}: plan and preprocess "
+                                f"it first (nnUNetv2_plan_and_preprocess -d {dataset})")
+    return matches[0]
+
+
 def build_demo_data(p: Pipeline, s: DemoSettings) -> tuple[str, str]:
     """The labelled target and the unlabeled pool of the demo, planned and preprocessed; ``(target, pool)`` names.
     Every step is skipped when its output exists."""

@@ -17,19 +17,12 @@ import json
 import os
 from pathlib import Path
 
-from nnunet_mim.apps.pipeline import Pipeline
+from nnunet_mim.apps.pipeline import Pipeline, dataset_name
 from nnunet_mim.apps.study import atomic_write, fold_of, label_subset, load_or_create_splits
 
 DEFAULT_CASES = 3
 DEFAULT_EPOCHS = 8
 DEFAULT_ITERS = 25
-
-
-def dataset_name(preprocessed: Path, dataset: str) -> str:
-    for d in sorted(preprocessed.iterdir()):
-        if d.name == dataset or (dataset.isdigit() and d.name.startswith(f"Dataset{int(dataset):03d}_")):
-            return d.name
-    raise FileNotFoundError(f"dataset {dataset} is not in {preprocessed}: plan and preprocess it first")
 
 
 def probe_fold(preprocessed: Path, name: str, cases: int, seed: int) -> tuple[int, list[str]]:

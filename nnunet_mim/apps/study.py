@@ -33,14 +33,13 @@ import datetime
 import hashlib
 import json
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from nnunet_mim.apps.pipeline import DemoSettings, Pipeline, build_demo_data
+from nnunet_mim.apps.pipeline import DemoSettings, Pipeline, build_demo_data, dataset_name
 from nnunet_mim.core.statistics import CI_METHOD, iterations_to_reach, paired_effect
 
 FIRST_STUDY_FOLD = 5  # folds 0-4 are nnU-Net's own cross-validation
@@ -157,15 +156,6 @@ class Study:
         self.runs_dir = self.output / "runs"
 
     # ---- splits ---------------------------------------------------------------------------------------------
-    def dataset_name(self) -> str:
-        matches = [d.name for d in self.p.preprocessed.iterdir() if d.is_dir() and (
-            d.name == str(self.dataset) or d.name.startswith(f"Dataset{int(self.dataset):03d}_")
-            if str(self.dataset).isdigit() else d.name == str(self.dataset))]
-        if len(matches) != 1:
-            raise FileNotFoundError(f"dataset {self.dataset} is not (or not uniquely) in {self.p.preprocessed}: plan "
-                                    f"and preprocess it first (nnUNetv2_plan_and_preprocess -d {self.dataset})")
-        return matches[0]
-
     def folds(self, name: str) -> dict[tuple[float, int], tuple[int, list[str]]]:
         """``(fraction, seed) -> (fold, training cases)``; writes the new folds into ``splits_final.json``."""
         path = self.p.preprocessed / name / "splits_final.json"
@@ -229,7 +219,7 @@ class Study:
     # ---- the whole study --------------------------------------------------------------------------------------
     def main(self) -> Path:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        name = self.dataset_name()
+        name = dataset_name(self.p.preprocessed, self.dataset)
         for arm in self.arms:
             if arm.weights and not Path(arm.weights).is_file():
                 raise FileNotFoundError(f"arm {arm.name}: no checkpoint at {arm.weights}")
@@ -493,13 +483,11 @@ def _save(fig, path: Path) -> None:
 
 
 def _machine() -> str:
-    import os
-
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}; Python {platform.python_version()}"
+    from nnunet_mim.apps.benchmark import machine_description
+
+    return machine_description(torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------------- command
@@ -534,8 +522,7 @@ def _run(args) -> None:
         if args.pretrain:
             if pool is None:
                 raise SystemExit("nnunet_mim study --pretrain needs --pool (the unlabeled dataset to pretrain on)")
-            pool_name = next(d.name for d in pipeline.preprocessed.iterdir()
-                             if d.name.startswith(f"Dataset{int(pool):03d}_"))
+            pool_name = dataset_name(pipeline.preprocessed, pool)
             checkpoint = pipeline.train(pool, configuration, "all", args.pretrain,
                                         pipeline.results_folder(pool_name, args.pretrain, configuration),
                                         **pipeline.budget(args.pretrain_epochs, args.pretrain_iters, args.val_iters,

@@ -21,6 +21,28 @@ PRETRAINING_ONLY_PREFIXES = ("mim_heads.", "mim_", "tokenizer.")  # pretext head
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile
 
 
+def is_segmentation_head(key: str) -> bool:
+    """Whether a parameter / state-dict key belongs to the segmentation layers (1x1x1 heads, ``.seg_layers.``)."""
+    return any(s in key for s in SEGMENTATION_KEYS)
+
+
+def freeze_all_but(module: nn.Module, part: str) -> tuple[int, int]:
+    """Set ``requires_grad`` so that only ``part`` trains: ``"heads"`` (:func:`is_segmentation_head`), ``"decoder"``
+    (names starting with ``decoder.``) or ``"all"``. Returns (trained, total) parameter counts."""
+    if part not in ("heads", "decoder", "all"):
+        raise ValueError(f"part must be 'heads', 'decoder' or 'all', got {part!r}")
+    trained = total = 0
+    for name, p in module.named_parameters():
+        trains = is_segmentation_head(name) if part == "heads" else name.startswith("decoder.")
+        p.requires_grad_(part == "all" or trains)
+        trained += p.numel() if p.requires_grad else 0
+        total += p.numel()
+    if trained == 0:
+        raise RuntimeError(f"no parameter of {type(module).__name__} matches {part!r} (heads are named "
+                           f"'*{SEGMENTATION_KEYS[0]}*', the decoder 'decoder.*')")
+    return trained, total
+
+
 def strip_wrapper_prefixes(key: str, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> str:
     """``module._orig_mod.encoder.x`` -> ``encoder.x``: the key without the wrappers' prefixes, in any order."""
     stripped = True

@@ -4,7 +4,7 @@
   without a trainer variant per budget, and seed it.
 - :class:`MIMPretrainerBase`: loss-based validation that keeps nnU-Net's Dice bookkeeping intact, AdamW
   with per-iteration warmup + cosine, per-component loss logging and curves in progress.png,
-  reconstruction previews, a NaN guard that saves a resumable checkpoint, and no final segmentation
+  reconstruction previews, a NaN guard that keeps the last good checkpoint, and no final segmentation
   validation. Subclasses implement :meth:`MIMPretrainerBase.compute_losses`.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 from torch.profiler import record_function
 
+from nnunet_mim.core.distributed import any_rank
 from nnunet_mim.nnunet import settings
 from nnunet_mim.nnunet.progress import ComponentLocalLogger
 from nnunet_mim.nnunet.seeding import derived_seed, seed_everything, seeded_augmenters
@@ -140,15 +141,6 @@ def never_fail(method, what: str, log):
         except Exception as e:  # noqa: BLE001 - deliberately broad: figures are optional output
             log(f"WARNING: could not write {what} ({type(e).__name__}: {e}); training goes on")
     return safe
-
-
-def any_rank(flag: bool) -> bool:
-    """True if ``flag`` is true on any DDP rank (every rank gets the same answer); ``flag`` without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-    return flag
 
 
 def mean_across_ranks(value: float) -> float:

@@ -57,13 +57,7 @@ class Demo:
         s = self.s
         self.p.train(s.dataset_id, s.configuration, 0, trainer, self.p.results_folder(target, trainer, s.configuration),
                      pretrained, **self.p.budget(s.finetune_epochs, s.finetune_iters, s.val_iters, s.seed))
-        out = self.root / "predictions" / trainer
-        if not (out / ".prediction_complete").exists():
-            self.p.run("nnUNetv2_predict", "-i", str(self.p.raw / target / "imagesTs"), "-o", str(out),
-                       "-d", str(s.dataset_id), "-c", s.configuration, "-f", "0", "-tr", trainer, "-device",
-                       "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar")
-            (out / ".prediction_complete").touch()
-        return out
+        return self.p.predict(s.dataset_id, target, s.configuration, 0, trainer, self.root / "predictions" / trainer)
 
     def evaluate(self, target: str, runs: dict[str, Path]) -> dict:
         from nnunet_mim.apps.evaluation import evaluate_folders

@@ -138,6 +138,17 @@ class Pipeline:
                  *(("--c",) if resume else ("-pretrained_weights", str(weights)) if weights else ()), **env)
         return final
 
+    def predict(self, dataset: str | int, name: str, configuration: str, fold: str | int, trainer: str,
+                out: Path) -> Path:
+        """``nnUNetv2_predict`` of the dataset's ``imagesTs`` into ``out``, skipped when a previous call finished it."""
+        done = out / ".prediction_complete"
+        if not done.exists():
+            self.run("nnUNetv2_predict", "-i", str(self.raw / name / "imagesTs"), "-o", str(out), "-d", str(dataset),
+                     "-c", configuration, "-f", str(fold), "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1",
+                     "--disable_progress_bar")
+            done.touch()
+        return out
+
 
 def dataset_name(preprocessed: Path, dataset: str | int) -> str:
     """``DatasetXXX_Name`` of a dataset given by id or name, from the preprocessed folder (it must be planned)."""

@@ -183,12 +183,8 @@ class Study:
                      f"{self.budget.iters} nnUNet_mim_val_iters={self.budget.val_iters} nnUNetv2_train {self.dataset} "
                      f"{self.configuration} {fold} -tr {arm.trainer}"
                      + (f" -pretrained_weights {arm.weights}" if arm.weights else ""))
-        predictions = self.p.root / "predictions" / f"{arm.trainer}_fold{fold}"
-        if not (predictions / ".prediction_complete").exists():
-            self.p.run("nnUNetv2_predict", "-i", str(self.p.raw / name / "imagesTs"), "-o", str(predictions),
-                       "-d", str(self.dataset), "-c", self.configuration, "-f", str(fold), "-tr", arm.trainer,
-                       "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar")
-            (predictions / ".prediction_complete").touch()
+        predictions = self.p.predict(self.dataset, name, self.configuration, fold, arm.trainer,
+                                     self.p.root / "predictions" / f"{arm.trainer}_fold{fold}")
         from nnunet_mim.apps.evaluation import evaluate_folders
         from nnunet_mim.nnunet.weights import load_checkpoint
 

@@ -28,6 +28,15 @@ def global_count(local: int) -> int:
     return int(t.item())
 
 
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is true on any rank: every rank gets the same answer (decisions such as stopping a run)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather ``x`` ``[B_rank, ...]`` along dim 0 across ranks (sizes may differ); the local slice keeps its
     gradient, remote slices are constants. Rank order, so every rank gets the same tensor."""

@@ -497,7 +497,7 @@ def _run(args) -> None:
     demo = DemoSettings(workdir=str(workdir), processes=args.processes)
     if args.demo_data:
         folders = {}
-        dataset, configuration, pool = demo.dataset_id, demo.configuration, demo.pool_id
+        dataset, configuration, pool = demo.dataset_id, demo.configuration, args.pool or demo.pool_id
     else:
         import os
 

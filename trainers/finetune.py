@@ -7,50 +7,20 @@ layers start fresh). These variants add what pretrained weights want:
 
 - a linear learning-rate warmup (per iteration, 5 % of the run) before nnU-Net's poly decay, so the
   fresh segmentation layers do not wreck the pretrained features in the first steps;
-- a safe ``-pretrained_weights``: nnU-Net 2.8's loader uses ``torch.load(weights_only=False)`` without
-  ``map_location`` (a GPU checkpoint fails on a CPU machine, and a pickle can run code). On
-  ``initialize()`` these trainers route nnU-Net's ``-pretrained_weights`` through
-  :func:`nnunet_mim.nnunet.weights.load_pretrained_weights_safely`: ``weights_only=True`` on the CPU, and a
-  pre-flight report listing every missing key, shape or input-channel mismatch with the fix.
+- a safe ``-pretrained_weights`` (``weights_only=True`` on the CPU, and a pre-flight report listing every missing
+  key, shape or input-channel mismatch with the fix), from :class:`~nnunet_mim.trainers.supervised.SupervisedTrainerBase`.
 """
 from __future__ import annotations
 
-from functools import partial
-
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_mim.core.schedules import FunctionalLRSchedule, warmup_cosine, warmup_poly
-from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR, refuse_unlabeled_dataset
-from nnunet_mim.nnunet.weights import (
-    freeze_all_but,
-    is_segmentation_head,
-    load_pretrained_weights_safely,
-    unwrap,
-)
+from nnunet_mim.core.schedules import warmup_poly
+from nnunet_mim.nnunet.weights import freeze_all_but, is_segmentation_head, unwrap
+from nnunet_mim.trainers.supervised import SupervisedTrainerBase
 
 
-def route_pretrained_weights_through_safe_loader() -> None:
-    """Make ``nnUNetv2_train -pretrained_weights`` use our safe loader for this process.
-
-    nnU-Net's ``run_training.maybe_load_checkpoint`` calls the module-level ``load_pretrained_weights``
-    right after ``trainer.initialize()``; there is no other hook that sees the file name.
-    """
-    import nnunetv2.run.run_training as run_training
-
-    run_training.load_pretrained_weights = load_pretrained_weights_safely
-
-
-class nnUNetTrainerMIMFinetune(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
+class nnUNetTrainerMIMFinetune(SupervisedTrainerBase):
     """nnU-Net's recipe (SGD, lr 1e-2, poly) with a 5 % linear warmup and safe pretrained-weight loading."""
-
-    warmup_fraction: float = 0.05
-
-    def initialize(self):
-        refuse_unlabeled_dataset(self)
-        self.apply_budget_from_environment()
-        route_pretrained_weights_through_safe_loader()
-        super().initialize()
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay,
@@ -59,22 +29,12 @@ class nnUNetTrainerMIMFinetune(BudgetFromEnvironment, PerIterationLR, nnUNetTrai
     def lr_at(self, step: int, total_steps: int, warmup_steps: int) -> float:
         return warmup_poly(step, total_steps, warmup_steps, self.initial_lr)
 
-    def configure_optimizers(self):
-        optimizer = self.make_optimizer()
-        total = self.num_epochs * self.num_iterations_per_epoch
-        schedule = partial(self.lr_at, total_steps=total, warmup_steps=max(1, int(self.warmup_fraction * total)))
-        return optimizer, FunctionalLRSchedule(optimizer, schedule, self.num_iterations_per_epoch)
-
-    def train_step(self, batch: dict) -> dict:
-        self.step_lr()
-        return super().train_step(batch)
-
 
 class nnUNetTrainerMIMScratch(nnUNetTrainerMIMFinetune):
     """The same recipe without pretrained weights: the from-scratch baseline, in its own results folder."""
 
 
-class nnUNetTrainerMIMFinetuneAdamW(nnUNetTrainerMIMFinetune):
+class nnUNetTrainerMIMFinetuneAdamW(SupervisedTrainerBase):
     """AdamW (lr 1e-3, weight decay 1e-4), 5 % warmup, cosine decay: for short budgets.
 
     nnU-Net's SGD recipe is tuned for 250k iterations; measured on the deep-GM demo data, it still predicts
@@ -87,12 +47,6 @@ class nnUNetTrainerMIMFinetuneAdamW(nnUNetTrainerMIMFinetune):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-3
         self.weight_decay = 1e-4
-
-    def make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
-
-    def lr_at(self, step: int, total_steps: int, warmup_steps: int) -> float:
-        return warmup_cosine(step, total_steps, warmup_steps, self.initial_lr)
 
 
 class nnUNetTrainerMIMScratchAdamW(nnUNetTrainerMIMFinetuneAdamW):
@@ -137,3 +91,4 @@ class nnUNetTrainerMIMFinetuneAdamW_lr3e4(nnUNetTrainerMIMFinetuneAdamW):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 3e-4
+

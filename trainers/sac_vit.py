@@ -19,16 +19,16 @@ from collections import defaultdict
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast, nn
+from torch import nn
 
 from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
 from nnunet_mim.nnunet import settings
 from nnunet_mim.nnunet.eva02_weights import load_eva02_2d_weights
-from nnunet_mim.nnunet.sac_vit_plans import is_sac_vit_configuration
-from nnunet_mim.trainers.base import BudgetFromEnvironment, MIMPretrainerBase, PerIterationLR, refuse_unlabeled_dataset
-from nnunet_mim.nnunet.weights import load_pretrained_weights_safely, unwrap
+from nnunet_mim.nnunet.networks import require_network
+from nnunet_mim.trainers.base import MIMPretrainerBase
+from nnunet_mim.trainers.supervised import SupervisedTrainerBase
+from nnunet_mim.nnunet.weights import unwrap
 
 #: parameter names (last component) that never get weight decay, whatever their shape
 NO_WEIGHT_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token")
@@ -53,15 +53,7 @@ def maybe_load_eva02(trainer, network: nn.Module) -> None:
 def require_sac_vit_configuration(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                   trainer: str) -> None:
     """Raise with the command that creates a SAC-ViT configuration when the plans build another network."""
-    if is_sac_vit_configuration(configuration_manager):
-        return
-    dataset = plans_manager.dataset_name
-    raise RuntimeError(
-        f"{trainer} trains SAC-ViT, but this configuration builds "
-        f"{configuration_manager.network_arch_class_name.split('.')[-1]}. Add a SAC-ViT configuration to the plans "
-        f"and train that one:\n    nnunet_mim add-config sac-vit -d {dataset} -p {plans_manager.plans_name}"
-        f"   # -> configuration 3d_sac_vit\n    nnUNetv2_train {dataset} 3d_sac_vit FOLD -tr {trainer} "
-        f"-p {plans_manager.plans_name}")
+    require_network(plans_manager, configuration_manager, SACViTSeg, trainer, "sac-vit")
 
 
 def build_sac_vit_seg(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -122,26 +114,24 @@ def make_adamw(param_groups: list[dict], lr: float) -> torch.optim.AdamW:
         return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.999))
 
 
-class nnUNetTrainerSACViT(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
+class nnUNetTrainerSACViT(SupervisedTrainerBase):
     """Supervised SAC-ViT on a SAC-ViT configuration (``nnunet_mim add-config sac-vit``): AdamW, warmup + cosine per
     iteration, no weight decay on norms / biases / embeddings, gradient clipping at 1. nnU-Net's loss (Dice + CE,
     deep supervision on the 5 decoder outputs), data augmentation, sliding-window validation and inference."""
 
     warmup_fraction: float = 0.1  # PUMIT BTCV: 5k warmup of 50k steps
     layer_decay: float = 1.0
-    grad_clip: float = 1.0  # PUMIT downstream; nnU-Net's default is 12
+    grad_clip_norm: float = 1.0  # PUMIT downstream; nnU-Net's default is 12
+    required_network = SACViTSeg
+    required_network_config = "sac-vit"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-4
         self.weight_decay = 0.05
-        self.pretrained_report = None
 
     def initialize(self):
-        refuse_unlabeled_dataset(self)
-        self.apply_budget_from_environment()
-        self._route_pretrained_weights()
         super().initialize()
         maybe_load_eva02(self, self.network)
         net = unwrap(self.network)
@@ -151,7 +141,7 @@ class nnUNetTrainerSACViT(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
             f"SAC-ViT: embed {enc.embed_dim}, depth {len(enc.blocks)}, heads {enc.num_heads}, DA {net.da}, patch "
             f"{net.patch_size} -> token grid {enc.token_grid(net.patch_size)}, {n_params / 1e6:.2f} M parameters; "
             f"AdamW lr {self.initial_lr} wd {self.weight_decay}, warmup {self.warmup_fraction:.0%} then cosine, "
-            f"layer decay {self.layer_decay}, grad clip {self.grad_clip}")
+            f"layer decay {self.layer_decay}, grad clip {self.grad_clip_norm}")
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -162,21 +152,8 @@ class nnUNetTrainerSACViT(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
                                                         num_output_channels, enable_deep_supervision)
 
     # ---- pretrained weights -----------------------------------------------------------------------
-    def _route_pretrained_weights(self) -> None:
-        """``-pretrained_weights`` through :func:`load_pretrained_weights_safely` (weights_only, CPU, full report),
-        plus a per-part summary in the training log (see ``trainers/finetune.py`` for why this is the hook)."""
-        import nnunetv2.run.run_training as run_training
-
-        trainer = self
-
-        def load(network, fname, verbose=False):
-            report = load_pretrained_weights_safely(network, fname, verbose)
-            trainer._log_pretrained(fname, report)
-            return report
-
-        run_training.load_pretrained_weights = load
-
-    def _log_pretrained(self, fname: str, report) -> None:
+    def on_pretrained_weights_loaded(self, fname: str, report) -> None:
+        """A per-part summary of ``-pretrained_weights`` in the training log (besides the safe loader's report)."""
         self.pretrained_report = report
         parts = defaultdict(int)
         for k in report.matched:
@@ -188,33 +165,9 @@ class nnUNetTrainerSACViT(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
             f"{len(report.pretraining_only)} pretraining-only tensors dropped.{note}")
 
     # ---- optimisation -----------------------------------------------------------------------------
-    def configure_optimizers(self):
-        groups = sac_vit_param_groups(unwrap(self.network), self.weight_decay, self.layer_decay)
-        optimizer = make_adamw(groups, self.initial_lr)
-        warmup = max(1, int(self.warmup_fraction * self.total_iterations))
-        return optimizer, self.warmup_cosine_schedule(optimizer, warmup)
-
-    def train_step(self, batch: dict) -> dict:
-        """nnU-Net's step with per-iteration lr and this trainer's gradient-clipping norm."""
-        self.step_lr()
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            loss = self.loss(self.network(data), target)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip)
-            self.optimizer.step()
-        return {"loss": loss.detach().cpu().numpy()}
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return make_adamw(sac_vit_param_groups(unwrap(self.network), self.weight_decay, self.layer_decay),
+                          self.initial_lr)
 
 
 class nnUNetTrainerSACViTFinetune(nnUNetTrainerSACViT):

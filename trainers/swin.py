@@ -11,7 +11,6 @@ See documentation/swin.md.
 """
 from __future__ import annotations
 
-import pydoc
 
 import numpy as np
 import torch
@@ -22,26 +21,19 @@ from torch import nn
 
 from nnunet_mim.architectures.swin_unetr import SwinUNETR, check_swin_patch_size
 from nnunet_mim.architectures.hybridmim import HybridMIMModel
-from nnunet_mim.trainers.base import BudgetFromEnvironment, PerIterationLR, refuse_unlabeled_dataset
-from nnunet_mim.trainers.finetune import route_pretrained_weights_through_safe_loader
+from nnunet_mim.nnunet.networks import require_network
+from nnunet_mim.trainers.supervised import SupervisedTrainerBase
 from nnunet_mim.trainers.hybridmim import ABLATIONS, HybridMIMPretrainer, ablation_weights
 
 
 def require_swin_configuration(configuration_manager: ConfigurationManager, configuration_name: str | None,
-                               trainer_name: str) -> None:
+                               trainer_name: str, plans_manager: PlansManager | None = None) -> None:
     """Clear errors when a Swin trainer meets a configuration that is not SwinUNETR or has an unusable patch."""
-    class_name = configuration_manager.network_arch_class_name
-    network_class = pydoc.locate(class_name)
-    where = f"configuration '{configuration_name}'" if configuration_name else "this configuration"
-    if not (isinstance(network_class, type) and issubclass(network_class, SwinUNETR)):
-        raise RuntimeError(
-            f"{trainer_name} trains SwinUNETR, but {where} names {class_name}. Add a SwinUNETR configuration with "
-            f"`nnunet_mim add-config swin -d DATASET` (it inherits 3d_fullres's preprocessed data) and train it: "
-            f"`nnUNetv2_train DATASET 3d_swin FOLD -tr {trainer_name}`.")
+    require_network(plans_manager, configuration_manager, SwinUNETR, trainer_name, "swin", configuration_name)
     check_swin_patch_size(configuration_manager.patch_size, configuration_name, require_two_tokens=True)
 
 
-class nnUNetTrainerSwinUNETR(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
+class nnUNetTrainerSwinUNETR(SupervisedTrainerBase):
     """Supervised SwinUNETR: AdamW (lr 1e-4, weight decay 1e-5), linear warmup over 5 % of the run, cosine to 0.
 
     The recipe of Swin-UNETR (Hatamizadeh et al.; MONAI research-contributions BTCV: AdamW 1e-4, decay 1e-5,
@@ -60,22 +52,9 @@ class nnUNetTrainerSwinUNETR(BudgetFromEnvironment, PerIterationLR, nnUNetTraine
         self.initial_lr = 1e-4
         self.weight_decay = 1e-5
 
-    def initialize(self):
-        if not self.was_initialized:
-            refuse_unlabeled_dataset(self)
-            require_swin_configuration(self.configuration_manager, self.configuration_name, type(self).__name__)
-        self.apply_budget_from_environment()
-        route_pretrained_weights_through_safe_loader()
-        super().initialize()
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
-        warmup = max(1, int(self.warmup_fraction * self.total_iterations))
-        return optimizer, self.warmup_cosine_schedule(optimizer, warmup)
-
-    def train_step(self, batch: dict) -> dict:
-        self.step_lr()
-        return super().train_step(batch)
+    def check_configuration(self) -> None:
+        require_swin_configuration(self.configuration_manager, self.configuration_name, type(self).__name__,
+                                   self.plans_manager)
 
 
 class nnUNetTrainerSwinUNETR_noDS(nnUNetTrainerSwinUNETR):
@@ -146,7 +125,8 @@ class HybridMIMPretrainerSwin(HybridMIMPretrainer):
 
     def initialize(self):
         if not self.was_initialized:
-            require_swin_configuration(self.configuration_manager, self.configuration_name, type(self).__name__)
+            require_swin_configuration(self.configuration_manager, self.configuration_name, type(self).__name__,
+                                       self.plans_manager)
         super().initialize()
         model = self.mim_model
         if self.partial_region and int(np.prod(model.box.size)) < 2:

@@ -28,3 +28,27 @@ def build_network_for(dataset: str, configuration: str, plans_identifier: str = 
         plans_manager, configuration_manager,
         determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, False)
+
+
+def require_network(plans_manager, configuration_manager, network_class: type, trainer: str,
+                    add_config_kind: str | None = None, configuration: str | None = None) -> None:
+    """The one check for "this trainer needs this network": raise ``RuntimeError`` with the commands that add a
+    fitting configuration (``nnunet_mim add-config <add_config_kind>``, default name ``3d_<kind>``) when
+    ``configuration_manager`` builds another class than ``network_class`` (or a subclass)."""
+    import pydoc
+
+    class_name = configuration_manager.network_arch_class_name
+    built = pydoc.locate(class_name)
+    if isinstance(built, type) and issubclass(built, network_class):
+        return
+    where = f"configuration '{configuration}'" if configuration else "this configuration"
+    dataset, plans = (plans_manager.dataset_name, plans_manager.plans_name) if plans_manager else ("DATASET",
+                                                                                                  "nnUNetPlans")
+    fix = ""
+    if add_config_kind:
+        name = "3d_" + add_config_kind.replace("-", "_")
+        fix = (f" Add such a configuration to the plans (it inherits 3d_fullres's preprocessed data) and train that "
+               f"one:\n    nnunet_mim add-config {add_config_kind} -d {dataset} -p {plans}   # -> configuration "
+               f"{name}\n    nnUNetv2_train {dataset} {name} FOLD -tr {trainer} -p {plans}")
+    raise RuntimeError(f"{trainer} trains {network_class.__name__}, but {where} builds "
+                       f"{class_name.split('.')[-1]}.{fix}")

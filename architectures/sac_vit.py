@@ -471,6 +471,12 @@ class SACViTSeg(nn.Module):
         )
         self.decoder = SACViTDecoder(input_channels, embed_dim, num_classes, decoder_channels, deep_supervision)
         self.decoder.apply(_he_init)
+        # dynamic-network-architectures' weight-key attributes (read by pretraining / weight-adaptation tools):
+        # the encoder, the stem, every layer that reads the raw input, the learnable position embedding
+        self.key_to_encoder = "encoder"
+        self.key_to_stem = "encoder.patch_embed"
+        self.keys_to_in_proj = ("encoder.patch_embed.proj", "decoder.stem.0.0.0")
+        self.key_to_lpe = "encoder.pos_embed"
 
     @property
     def pool_op_kernel_sizes(self) -> list[list[int]]:

@@ -276,8 +276,13 @@ class SwinUNETR(nn.Module):
         self.decoder = SwinUNETRDecoder(monai_net, feature_size, num_classes, deep_supervision)
         self.feature_size = feature_size
         self.downsample = downsample
-        # first layers that read the input (nnU-Net / weights.py use this to detect input-channel mismatches)
-        self.keys_to_in_proj = ("encoder.swinViT.patch_embed.proj", "decoder.encoder1.layer.conv1.conv")
+        # dynamic-network-architectures' weight-key attributes (read by pretraining / weight-adaptation tools):
+        # the encoder, the stem, and every layer that reads the raw input (its weight's dim 1 = input channels)
+        self.key_to_encoder = "encoder.swinViT"
+        self.key_to_stem = "encoder.swinViT.patch_embed"
+        self.keys_to_in_proj = ("encoder.swinViT.patch_embed.proj", "decoder.encoder1.layer.conv1.conv",
+                                "decoder.encoder1.layer.conv3.conv")
+        self.key_to_lpe = None  # relative position bias only, no learnable absolute position embedding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.decoder(self.encoder(x))

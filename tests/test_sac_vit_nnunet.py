@@ -186,3 +186,19 @@ def test_optional_eva02_initialisation(tmp_path, monkeypatch):
     monkeypatch.setenv(EVA02_WEIGHTS_ENV, str(tmp_path / "missing.pt"))
     with pytest.raises(FileNotFoundError, match="never downloads"):
         maybe_load_eva02(log, net)
+
+
+def test_patch_and_spacing_written_twice_must_agree():
+    from types import SimpleNamespace
+
+    from nnunet_mim.nnunet.sac_vit_plans import check_patch_and_spacing_agree
+
+    def cm(patch, spacing):
+        return SimpleNamespace(patch_size=patch, spacing=spacing,
+                               network_arch_init_kwargs={"patch_size": [32, 64, 64], "spacing": [2.0, 1.0, 1.0]})
+
+    check_patch_and_spacing_agree(cm([32, 64, 64], [2.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"patch_size of configuration '3d_sac_vit' is \[32, 64, 96\].*--overwrite"):
+        check_patch_and_spacing_agree(cm([32, 64, 96], [2.0, 1.0, 1.0]), "3d_sac_vit")
+    with pytest.raises(ValueError, match="spacing"):
+        check_patch_and_spacing_agree(cm([32, 64, 64], [3.0, 1.0, 1.0]))

@@ -18,14 +18,15 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
 from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
 from nnunet_mim.nnunet import settings
 from nnunet_mim.nnunet.eva02_weights import load_eva02_2d_weights
+from nnunet_mim.nnunet.sac_vit_plans import check_patch_and_spacing_agree
 from nnunet_mim.nnunet.networks import require_network
+from nnunet_mim.nnunet.versions import build_planned_network, network_builder, trainer_name
 from nnunet_mim.trainers.base import MIMPretrainerBase
 from nnunet_mim.trainers.supervised import SupervisedTrainerBase
 from nnunet_mim.nnunet.weights import unwrap
@@ -54,14 +55,14 @@ def require_sac_vit_configuration(plans_manager: PlansManager, configuration_man
                                   trainer: str) -> None:
     """Raise with the command that creates a SAC-ViT configuration when the plans build another network."""
     require_network(plans_manager, configuration_manager, SACViTSeg, trainer, "sac-vit")
+    check_patch_and_spacing_agree(configuration_manager)
 
 
 def build_sac_vit_seg(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                       num_input_channels: int, num_output_channels: int, trainer: str) -> SACViTSeg:
     """The configuration's :class:`SACViTSeg` without deep supervision (what pretraining networks wrap)."""
     require_sac_vit_configuration(plans_manager, configuration_manager, trainer)
-    seg = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                   num_output_channels, False)
+    seg = build_planned_network(configuration_manager, num_input_channels, num_output_channels, False)
     assert isinstance(seg, SACViTSeg)
     return seg
 
@@ -143,13 +144,13 @@ class nnUNetTrainerSACViT(SupervisedTrainerBase):
             f"AdamW lr {self.initial_lr} wd {self.weight_decay}, warmup {self.warmup_fraction:.0%} then cosine, "
             f"layer decay {self.layer_decay}, grad clip {self.grad_clip_norm}")
 
-    @classmethod
+    @network_builder
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        require_sac_vit_configuration(plans_manager, configuration_manager, cls.__name__)
-        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                        num_output_channels, enable_deep_supervision)
+        require_sac_vit_configuration(plans_manager, configuration_manager, trainer_name(cls))
+        return build_planned_network(configuration_manager, num_input_channels, num_output_channels,
+                                     enable_deep_supervision)
 
     # ---- pretrained weights -----------------------------------------------------------------------
     def on_pretrained_weights_loaded(self, fname: str, report) -> None:
@@ -217,12 +218,12 @@ class SACViTPretrainerBase(MIMPretrainerBase):
         self.weight_decay = 0.05
         self.step_timings: dict[str, list[float]] = defaultdict(list)
 
-    @classmethod
+    @network_builder
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> SACViTPretrainNet:
         seg = build_sac_vit_seg(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                cls.__name__)
+                                trainer_name(cls))
         return cls.wrap_network(seg, num_input_channels)
 
     @classmethod

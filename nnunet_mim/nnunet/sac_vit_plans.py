@@ -100,6 +100,21 @@ def add_sac_vit_configuration(
     return resolved, text
 
 
-def is_sac_vit_configuration(configuration_manager) -> bool:
-    """Whether an nnU-Net ``ConfigurationManager`` builds :class:`SACViTSeg`."""
-    return configuration_manager.network_arch_class_name.split(".")[-1] == "SACViTSeg"
+def check_patch_and_spacing_agree(configuration_manager, configuration_name: str | None = None) -> None:
+    """A SAC-ViT configuration names its patch size and spacing twice: nnU-Net reads ``patch_size`` / ``spacing`` of
+    the configuration (data), the network its ``arch_kwargs`` (token grid, DA). Raise ``ValueError`` with the fix when
+    someone edited one copy and not the other."""
+    kwargs = configuration_manager.network_arch_init_kwargs
+    where = f"configuration '{configuration_name}'" if configuration_name else "this SAC-ViT configuration"
+    pairs = (("patch_size", [int(p) for p in configuration_manager.patch_size], kwargs.get("patch_size")),
+             ("spacing", [float(s) for s in configuration_manager.spacing], kwargs.get("spacing")))
+    for name, data_value, arch_value in pairs:
+        if arch_value is None:
+            continue
+        if len(arch_value) != len(data_value) or any(not math.isclose(float(a), float(d), rel_tol=1e-4)
+                                                     for a, d in zip(arch_value, data_value)):
+            raise ValueError(
+                f"The {name} of {where} is {data_value}, but its architecture's arch_kwargs say {list(arch_value)}: "
+                f"the network would be built for other data than nnU-Net feeds it. Write the configuration again "
+                f"with `nnunet_mim add-config sac-vit -d DATASET -n NAME --patch ... --overwrite`, or make "
+                f"\"{name}\" and \"architecture\" -> \"arch_kwargs\" -> \"{name}\" equal in nnUNetPlans.json.")

@@ -14,10 +14,13 @@ setup(
     python_requires=">=3.10",
     packages=[
         "nnunet_mim",
+        "nnunet_mim.core",
         "nnunet_mim.core.losses",
-        "nnunet_mim.apps.data",
-        "nnunet_mim.trainers",
         "nnunet_mim.architectures",
+        "nnunet_mim.nnunet",
+        "nnunet_mim.trainers",
+        "nnunet_mim.apps",
+        "nnunet_mim.apps.data",
     ],
     package_dir={
         "nnunet_mim": "nnunet_mim",

@@ -82,3 +82,24 @@ def test_the_working_tree_is_what_python_imports():
         trainer, arch = proc.stdout.split()
         assert Path(trainer) == ROOT / "trainers" / "hybridmim.py"
         assert Path(arch) == ROOT / "architectures" / "sac_vit.py"
+
+
+def test_a_regular_install_ships_every_module(tmp_path):
+    """``pip install .`` (not editable) must carry every source file of every layer, and the trainer index."""
+    import zipfile
+
+    import shutil
+
+    source = tmp_path / "src"  # a clean copy: setuptools would reuse a stale build/ folder of the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info",
+                                                                 "__pycache__", "demo_output*"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("nnunet_mim-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    expected = {f"{prefix.replace('.', '/')}/{p.relative_to(folder).as_posix()}"
+                for prefix, folder in FOLDERS.items() for p in folder.rglob("*.py") if "__pycache__" not in p.parts}
+    expected |= {f"nnunet_mim/{p.name}" for p in (ROOT / "nnunet_mim").glob("*.py")}
+    expected |= {f"nnunet_mim/ext_trainers/{p.name}" for p in (ROOT / "nnunet_mim" / "ext_trainers").glob("*.py")}
+    assert sorted(expected - shipped) == []

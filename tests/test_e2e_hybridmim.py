@@ -13,13 +13,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TINY_CONFIG, TINY_ID, TRAIN_BUDGET
+from helpers import TINY_CONFIG, TINY_DATASET, TINY_ID, TRAIN_BUDGET, fold_folder
 
-DATASET = f"Dataset{TINY_ID}_Tiny"
-
-
-def _fold(ws, trainer, fold="all", config=TINY_CONFIG, plans="nnUNetPlans", dataset=DATASET):
-    return ws.results / dataset / f"{trainer}__{plans}__{config}" / f"fold_{fold}"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +22,7 @@ def pretrained(tiny_workspace):
     ws = tiny_workspace
     ws.run("nnUNetv2_train", str(TINY_ID), TINY_CONFIG, "all", "-tr", "HybridMIMPretrainer", "-device", "cpu",
            **TRAIN_BUDGET)
-    return _fold(ws, "HybridMIMPretrainer") / "checkpoint_final.pth"
+    return fold_folder(ws, "HybridMIMPretrainer", TINY_CONFIG) / "checkpoint_final.pth"
 
 
 def test_pretraining_outputs(tiny_workspace, pretrained):
@@ -74,18 +69,18 @@ def test_finetune_predict_evaluate(tiny_workspace, pretrained):
     proc = ws.run("nnUNetv2_train", str(TINY_ID), TINY_CONFIG, "0", "-tr", "nnUNetTrainerMIMFinetune",
                   "-pretrained_weights", str(pretrained), "-device", "cpu", **TRAIN_BUDGET)
     assert "Pre-flight check" in proc.stdout and "0 missing, 0 with another shape" in proc.stdout
-    assert (_fold(ws, "nnUNetTrainerMIMFinetune", 0) / "checkpoint_final.pth").is_file()
+    assert (fold_folder(ws, "nnUNetTrainerMIMFinetune", TINY_CONFIG, 0) / "checkpoint_final.pth").is_file()
     out = ws.root / "predictions"
-    ws.run("nnUNetv2_predict", "-i", str(ws.raw / DATASET / "imagesTs"), "-o", str(out), "-d", str(TINY_ID),
+    ws.run("nnUNetv2_predict", "-i", str(ws.raw / TINY_DATASET / "imagesTs"), "-o", str(out), "-d", str(TINY_ID),
            "-c", TINY_CONFIG, "-f", "0", "-tr", "nnUNetTrainerMIMFinetune", "-device", "cpu", "-npp", "1",
            "-nps", "1")
     predicted = sorted(out.glob("*.nii.gz"))
     assert len(predicted) == 2
-    ref = sitk.ReadImage(str(ws.raw / DATASET / "labelsTs" / predicted[0].name))
+    ref = sitk.ReadImage(str(ws.raw / TINY_DATASET / "labelsTs" / predicted[0].name))
     pred = sitk.ReadImage(str(predicted[0]))
     assert pred.GetSize() == ref.GetSize() and np.allclose(pred.GetSpacing(), ref.GetSpacing())
     summary = ws.root / "evaluation.json"
-    ws.run("nnunet_mim", "evaluate", "-pred", str(out), "-ref", str(ws.raw / DATASET / "labelsTs"),
+    ws.run("nnunet_mim", "evaluate", "-pred", str(out), "-ref", str(ws.raw / TINY_DATASET / "labelsTs"),
            "-o", str(summary))
     assert summary.is_file() and "Dice" in summary.read_text()
 
@@ -95,7 +90,7 @@ def test_resume_after_kill(tiny_workspace):
     ws = tiny_workspace
     trainer = "HybridMIMPretrainer_fullRegion"
     budget = {**TRAIN_BUDGET, "nnUNet_mim_epochs": "4", "nnUNet_mim_save_every": "1"}
-    fold = _fold(ws, trainer)
+    fold = fold_folder(ws, trainer, TINY_CONFIG)
     proc = ws.popen("nnUNetv2_train", str(TINY_ID), TINY_CONFIG, "all", "-tr", trainer, "-device", "cpu", **budget)
     deadline = time.time() + 600
     while not (fold / "checkpoint_latest.pth").exists() and proc.poll() is None and time.time() < deadline:
@@ -128,7 +123,7 @@ def test_resenc_plans(tiny_workspace):
     proc = ws.run("nnUNetv2_train", str(TINY_ID), TINY_CONFIG, "all", "-tr", "HybridMIMPretrainer", "-p",
                   "nnUNetResEncUNetMPlans", "-device", "cpu", **{**TRAIN_BUDGET, "nnUNet_mim_epochs": "1"})
     assert "HybridMIM on ResidualEncoderUNet" in proc.stdout
-    ck = _fold(ws, "HybridMIMPretrainer", plans="nnUNetResEncUNetMPlans") / "checkpoint_final.pth"
+    ck = fold_folder(ws, "HybridMIMPretrainer", TINY_CONFIG, plans="nnUNetResEncUNetMPlans") / "checkpoint_final.pth"
     ok = ws.run("nnunet_mim", "check-weights", str(ck), "-d", str(TINY_ID), "-c", TINY_CONFIG, "-p",
                 "nnUNetResEncUNetMPlans")
     assert "OK: the checkpoint fits." in ok.stdout
@@ -141,7 +136,7 @@ def test_unlabeled_import_and_pretraining(tiny_workspace):
     ws.run("nnunet_mim", "import-unlabeled", "-i", str(pool), "-t", str(TINY_ID), "-d", "611", "-c", "3d_fullres")
     folder = ws.preprocessed / "Dataset611_TinyUnlabeled"
     plans = json.loads((folder / "nnUNetPlans.json").read_text())
-    target = json.loads((ws.preprocessed / DATASET / "nnUNetPlans.json").read_text())
+    target = json.loads((ws.preprocessed / TINY_DATASET / "nnUNetPlans.json").read_text())
     assert plans["configurations"] == target["configurations"]  # same spacing, normalisation, networks
     assert plans["foreground_intensity_properties_per_channel"] == \
         target["foreground_intensity_properties_per_channel"]
@@ -172,7 +167,7 @@ def test_mismatched_checkpoint_gets_a_clear_error(tiny_workspace, pretrained):
 
 def test_add_config_never_overwrites_silently(tiny_workspace):
     ws = tiny_workspace
-    plans = ws.preprocessed / DATASET / "nnUNetPlans.json"
+    plans = ws.preprocessed / TINY_DATASET / "nnUNetPlans.json"
     before = plans.read_text()
     again = ws.run("nnunet_mim", "add-config", "small", "-d", str(TINY_ID), "-n", TINY_CONFIG, "--features", "4", "32",
                    check=False)

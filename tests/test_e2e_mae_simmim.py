@@ -6,13 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_DATASET as DATASET, TINY_ID, TINY_SAC_CONFIG, TRAIN_BUDGET, fold_folder
+from helpers import TINY_DATASET as DATASET, TINY_ID, TINY_SAC_CONFIG, TRAIN_BUDGET, fold_folder
 
 CONFIG = TINY_SAC_CONFIG
-
-
-def _fold(ws, trainer, fold="all"):
-    return fold_folder(ws, trainer, CONFIG, fold)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +25,7 @@ def _fits_supervised_config(ws, checkpoint) -> None:
 def test_mae_pretrain_finetune_predict(ws):
     trainer = "MAEPretrainer"
     ws.run("nnUNetv2_train", str(TINY_ID), CONFIG, "all", "-tr", trainer, "-device", "cpu", **TRAIN_BUDGET)
-    fold = _fold(ws, trainer)
+    fold = fold_folder(ws, trainer, CONFIG)
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert "6 of 8 masked (ratio 0.75)" in log and "the encoder sees the visible tokens only" in log
     assert "decoder 2 x 384" in log
@@ -57,7 +53,7 @@ def test_simmim_resume_and_transfer(ws):
     resumed = ws.run("nnUNetv2_train", str(TINY_ID), CONFIG, "all", "-tr", trainer, "-device", "cpu", "--c",
                      **TRAIN_BUDGET)
     assert "Epoch 1" in resumed.stdout and "Epoch 0\n" not in resumed.stdout
-    fold = _fold(ws, trainer)
+    fold = fold_folder(ws, trainer, CONFIG)
     ck = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert ck["current_epoch"] == 2 and len(ck["logging"]["train_reconstruction"]) == 2
     steps = {int(s["step"]) for s in ck["optimizer_state"]["state"].values()}
@@ -72,7 +68,7 @@ def test_simclr_pretrain_and_transfer(ws):
     trainer = "SimCLRPretrainer"
     ws.run("nnUNetv2_train", str(TINY_ID), CONFIG, "all", "-tr", trainer, "-device", "cpu",
            **{**TRAIN_BUDGET, "nnUNet_mim_epochs": "1"})
-    fold = _fold(ws, trainer)
+    fold = fold_folder(ws, trainer, CONFIG)
     ck = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert np.isfinite(ck["logging"]["train_nt_xent"]).all() and (fold / "previews" / "epoch_0000.png").is_file()
     _fits_supervised_config(ws, fold / "checkpoint_final.pth")

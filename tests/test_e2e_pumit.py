@@ -9,13 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_DATASET as DATASET, TINY_ID, TINY_SAC_CONFIG, TRAIN_BUDGET, fold_folder
+from helpers import TINY_DATASET as DATASET, TINY_ID, TINY_SAC_CONFIG, TRAIN_BUDGET, fold_folder
 
 CONFIG = TINY_SAC_CONFIG
-
-
-def _fold(ws, trainer, fold="all"):
-    return fold_folder(ws, trainer, CONFIG, fold)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +28,11 @@ def tokenizer(ws):
     resumed = ws.run("nnUNetv2_train", str(TINY_ID), CONFIG, "all", "-tr", trainer, "-device", "cpu", "--c",
                      **TRAIN_BUDGET)
     assert "Epoch 1" in resumed.stdout and "Epoch 0\n" not in resumed.stdout
-    return _fold(ws, trainer) / "checkpoint_final.pth"
+    return fold_folder(ws, trainer, CONFIG) / "checkpoint_final.pth"
 
 
 def test_stage2_without_tokenizer_names_the_command(ws):
-    if (_fold(ws, "VisualTokenizerTrainer") / "checkpoint_final.pth").is_file():
+    if (fold_folder(ws, "VisualTokenizerTrainer", CONFIG) / "checkpoint_final.pth").is_file():
         pytest.skip("stage 1 already ran in this session")
     env = {**TRAIN_BUDGET, "nnUNet_mim_tokenizer": ""}
     proc = ws.run("nnUNetv2_train", str(TINY_ID), CONFIG, "all", "-tr", "TokenMIMPretrainer", "-device", "cpu",
@@ -77,7 +73,7 @@ def test_stage2_finetune_predict(ws, tokenizer):
            **{**env, "nnUNet_mim_epochs": "1"})
     resumed = ws.run("nnUNetv2_train", str(TINY_ID), CONFIG, "all", "-tr", trainer, "-device", "cpu", "--c", **env)
     assert "Epoch 1" in resumed.stdout and "Epoch 0\n" not in resumed.stdout
-    fold = _fold(ws, trainer)
+    fold = fold_folder(ws, trainer, CONFIG)
     log = "\n".join(p.read_text() for p in sorted(fold.glob("training_log_*.txt")))
     assert f"tokenizer {tokenizer}" in log and "mask ratio 0.55 (4 of 8 tokens)" in log
     assert "tokenizer (eval, no grad):" in log and "(= the tokenizer's)" in log

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CONFIG, TINY_ID
+from helpers import TINY_CONFIG, TINY_ID
 
 TRAINER = "nnUNetTrainerMIMScratchAdamW"
 BUDGET = {"nnUNet_n_proc_DA": "2", "nnUNet_mim_epochs": "2", "nnUNet_mim_iters": "3", "nnUNet_mim_val_iters": "2"}

@@ -14,15 +14,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TINY_CONFIG, TINY_ID, TRAIN_BUDGET
+from helpers import TINY_CONFIG, TINY_DATASET, TINY_ID, TRAIN_BUDGET, fold_folder
 
-DATASET = f"Dataset{TINY_ID}_Tiny"
 SWIN = "3d_swin_tiny"
 ONE_EPOCH = {**TRAIN_BUDGET, "nnUNet_mim_epochs": "1"}
-
-
-def _fold(ws, trainer, fold, config=SWIN):
-    return ws.results / DATASET / f"{trainer}__nnUNetPlans__{config}" / f"fold_{fold}"
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +36,11 @@ def pretrained(tiny_workspace, swin_config):
     proc = ws.run("nnUNetv2_train", str(TINY_ID), swin_config, "all", "-tr", trainer, "-device", "cpu", **ONE_EPOCH)
     resumed = ws.run("nnUNetv2_train", str(TINY_ID), swin_config, "all", "-tr", trainer, "-device", "cpu", "--c",
                      **TRAIN_BUDGET)
-    return proc, resumed, _fold(ws, trainer, "all") / "checkpoint_final.pth"
+    return proc, resumed, fold_folder(ws, trainer, SWIN, "all") / "checkpoint_final.pth"
 
 
 def test_config_inherits_3d_fullres(tiny_workspace, swin_config):
-    plans = json.loads((tiny_workspace.preprocessed / DATASET / "nnUNetPlans.json").read_text())
+    plans = json.loads((tiny_workspace.preprocessed / TINY_DATASET / "nnUNetPlans.json").read_text())
     config = plans["configurations"][swin_config]
     assert config["inherits_from"] == "3d_fullres" and config["patch_size"] == [32, 32, 96]
     assert config["architecture"]["network_class_name"] == "nnunet_mim.architectures.swin_unetr.SwinUNETR"
@@ -74,18 +69,18 @@ def test_finetune_predict(tiny_workspace, pretrained):
     proc = ws.run("nnUNetv2_train", str(TINY_ID), SWIN, "0", "-tr", trainer, "-pretrained_weights", str(checkpoint),
                   "-device", "cpu", **ONE_EPOCH)
     assert "Pre-flight check" in proc.stdout and "0 missing, 0 with another shape" in proc.stdout
-    fold = _fold(ws, trainer, 0)
+    fold = fold_folder(ws, trainer, SWIN, 0)
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     group = final["optimizer_state"]["param_groups"][0]
     assert "amsgrad" in group and group["weight_decay"] == 1e-5  # AdamW, not nnU-Net's SGD
     assert (fold / "validation" / "summary.json").is_file()  # nnU-Net's own final validation ran
 
     out = ws.root / "predictions_swin"
-    ws.run("nnUNetv2_predict", "-i", str(ws.raw / DATASET / "imagesTs"), "-o", str(out), "-d", str(TINY_ID), "-c",
+    ws.run("nnUNetv2_predict", "-i", str(ws.raw / TINY_DATASET / "imagesTs"), "-o", str(out), "-d", str(TINY_ID), "-c",
            SWIN, "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta")
     predicted = sorted(out.glob("*.nii.gz"))
     assert len(predicted) == 2
-    ref = sitk.ReadImage(str(ws.raw / DATASET / "labelsTs" / predicted[0].name))
+    ref = sitk.ReadImage(str(ws.raw / TINY_DATASET / "labelsTs" / predicted[0].name))
     assert sitk.ReadImage(str(predicted[0])).GetSize() == ref.GetSize()
 
 
@@ -93,7 +88,7 @@ def test_clear_errors(tiny_workspace, pretrained):
     ws = tiny_workspace
     checkpoint = pretrained[-1]
     # a patch Swin cannot take (plans edited by hand); a U-Net configuration: tests/test_swin.py
-    plans_file = ws.preprocessed / DATASET / "nnUNetPlans.json"
+    plans_file = ws.preprocessed / TINY_DATASET / "nnUNetPlans.json"
     plans = json.loads(plans_file.read_text())
     plans["configurations"]["3d_swin_badpatch"] = {**plans["configurations"][SWIN], "patch_size": [40, 32, 96]}
     plans_file.write_text(json.dumps(plans, indent=2))

@@ -14,7 +14,8 @@ from nnunet_mim.core.sac import sac_token_size
 from nnunet_mim.trainers.mae import masked_patch_loss, normalized_patch_targets
 from nnunet_mim.trainers.simclr import SimCLRNet, simclr_view
 
-TINY = dict(embed_dim=48, depth=4, num_heads=3, decoder_channels=(4, 8, 8, 16, 16, 16))
+from helpers import TINY_VIT
+
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +98,7 @@ def test_patchify_round_trip_and_token_order(da, shape, channels):
     for axis, t in enumerate(token):
         idx = idx.repeat_interleave(t, axis + 2)
     assert torch.equal(patchify(idx, token)[0].mean(-1), torch.arange(math.prod(grid), dtype=torch.float32))
-    seg = SACViTSeg(1, 2, shape, da=da, **TINY)
+    seg = SACViTSeg(1, 2, shape, da=da, **TINY_VIT)
     with torch.no_grad():
         seg.encoder.patch_embed.proj.weight.fill_(1.0 / 4096)  # mean over the token (the depth sum-pool keeps it)
         seg.encoder.patch_embed.proj.bias.zero_()
@@ -108,7 +109,7 @@ def test_patchify_round_trip_and_token_order(da, shape, channels):
 
 
 def test_simmim_projection_reshapes_to_the_patch_voxels():
-    seg = SACViTSeg(1, 2, (16, 32, 32), da=1, **TINY)
+    seg = SACViTSeg(1, 2, (16, 32, 32), da=1, **TINY_VIT)
     net = SimMIMNet(seg, 1)
     x = torch.randn(2, 1, 16, 32, 32)
     mask = block_token_mask(2, net.token_grid(), 0.75)
@@ -122,7 +123,7 @@ def test_simmim_projection_reshapes_to_the_patch_voxels():
 
 
 def test_mae_encoder_sees_visible_tokens_only():
-    seg = SACViTSeg(1, 2, (32, 64, 64), da=0, **TINY)  # 2 x 4 x 4 = 32 tokens
+    seg = SACViTSeg(1, 2, (32, 64, 64), da=0, **TINY_VIT)  # 2 x 4 x 4 = 32 tokens
     net = MAENet(seg, 1, decoder_dim=24, decoder_depth=1, decoder_heads=2)
     lengths = []
     net.encoder.blocks[0].register_forward_hook(lambda m, i, o: lengths.append(o.shape[1]))
@@ -131,7 +132,7 @@ def test_mae_encoder_sees_visible_tokens_only():
     pred = net(torch.randn(2, 1, 32, 64, 64), ids_keep, ids_restore)
     assert lengths == [1 + 8]  # cls + 25 % of 32
     assert pred.shape == (2, 32, 4096)
-    seg_keys = set(SACViTSeg(1, 2, (32, 64, 64), da=0, **TINY).state_dict())
+    seg_keys = set(SACViTSeg(1, 2, (32, 64, 64), da=0, **TINY_VIT).state_dict())
     keys = set(net.state_dict())
     assert seg_keys <= keys and all(k.startswith("mim_") for k in keys - seg_keys)
 
@@ -140,7 +141,7 @@ def test_simclr_views_and_network():
     x = torch.randn(3, 1, 16, 32, 32)
     v1, v2 = simclr_view(x), simclr_view(x)
     assert v1.shape == x.shape and not torch.allclose(v1, v2)
-    net = SimCLRNet(SACViTSeg(1, 2, (16, 32, 32), da=0, **TINY), projection_dim=16)
+    net = SimCLRNet(SACViTSeg(1, 2, (16, 32, 32), da=0, **TINY_VIT), projection_dim=16)
     z = net(torch.cat([v1, v2]))
     assert z.shape == (6, 16)
     from nnunet_mim.core.losses.contrastive import nt_xent

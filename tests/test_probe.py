@@ -7,7 +7,7 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from conftest import TINY_CONFIG, TINY_ID, TRAIN_BUDGET, fold_folder
+from helpers import TINY_CONFIG, TINY_ID, TRAIN_BUDGET, fold_folder
 from nnunet_mim.nnunet.weights import freeze_all_but
 from nnunet_mim.trainers.probe import probe_trainer_for
 

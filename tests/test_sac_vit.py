@@ -14,7 +14,9 @@ from nnunet_mim.architectures.sac_vit import (
 )
 from nnunet_mim.nnunet.eva02_weights import convert_eva02_2d_state_dict, load_eva02_2d_weights
 
-TINY = dict(embed_dim=48, depth=4, num_heads=3, out_indices=[0, 1, 2, 3], decoder_channels=(4, 8, 8, 16, 16, 16))
+from helpers import TINY_VIT
+
+TINY = dict(TINY_VIT, out_indices=[0, 1, 2, 3])
 
 
 @pytest.fixture(autouse=True)

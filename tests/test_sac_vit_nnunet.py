@@ -9,14 +9,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TINY_DATASET as DATASET, TINY_ID, TINY_SAC_ARCH, TINY_SAC_CONFIG, TRAIN_BUDGET, fold_folder
+from helpers import TINY_VIT, TINY_DATASET as DATASET, TINY_ID, TINY_SAC_ARCH, TINY_SAC_CONFIG, TRAIN_BUDGET, fold_folder
 from nnunet_mim.architectures.sac_vit import SACViTSeg
 from nnunet_mim.nnunet.sac_vit_plans import round_patch_to_tokens, sac_vit_configuration
 from nnunet_mim.core.schedules import FunctionalLRSchedule
 from nnunet_mim.trainers.sac_vit import sac_vit_param_groups, vit_layer_id
 
 SAC_CONFIG = TINY_SAC_CONFIG
-TINY = dict(embed_dim=48, depth=4, num_heads=3, decoder_channels=(4, 8, 8, 16, 16, 16))
 
 
 def test_round_patch_to_tokens():
@@ -34,7 +33,7 @@ def test_round_patch_to_tokens():
 ])
 def test_configuration_from_parent(spacing, patch, da, expected):
     parent = {"spacing": list(spacing), "patch_size": list(patch), "batch_size": 2}
-    cfg = sac_vit_configuration(parent, "S", **TINY)
+    cfg = sac_vit_configuration(parent, "S", **TINY_VIT)
     assert cfg["patch_size"] == expected and cfg["batch_size"] == 2
     arch = cfg["architecture"]
     assert arch["network_class_name"] == "nnunet_mim.architectures.sac_vit.SACViTSeg"
@@ -48,7 +47,7 @@ def test_configuration_from_parent(spacing, patch, da, expected):
 
 
 def test_layer_decay_groups():
-    net = SACViTSeg(1, 2, (32, 32, 32), da=0, **TINY)
+    net = SACViTSeg(1, 2, (32, 32, 32), da=0, **TINY_VIT)
     depth = 4
     assert vit_layer_id("encoder.patch_embed.proj.weight", depth) == 0
     assert vit_layer_id("encoder.pos_embed", depth) == 0
@@ -80,10 +79,6 @@ def sac_config(sac_vit_workspace):
     return SAC_CONFIG
 
 
-def _fold(ws, trainer, fold, config=SAC_CONFIG):
-    return fold_folder(ws, trainer, config, fold)
-
-
 def test_add_config_rounds_the_plan_patch(tiny_workspace):
     ws = tiny_workspace
     out = ws.run("nnunet_mim", "add-config", "sac-vit", "-d", str(TINY_ID), "-n", "3d_sac_vit_rounded",
@@ -99,7 +94,7 @@ def test_supervised_train_resume_predict(tiny_workspace, sac_config):
     ws = tiny_workspace
     trainer = "nnUNetTrainerSACViT"
     ws.run("nnUNetv2_train", str(TINY_ID), sac_config, "0", "-tr", trainer, "-device", "cpu", **TRAIN_BUDGET)
-    fold = _fold(ws, trainer, 0)
+    fold = fold_folder(ws, trainer, SAC_CONFIG, 0)
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert "SAC-ViT: embed 48, depth 4" in log and "layer decay 1.0" in log
     assert "Mean Validation Dice" in log  # nnU-Net's sliding-window validation ran on the SAC-ViT
@@ -140,16 +135,16 @@ def test_finetune_layer_decay_defaults():
 
 def test_finetune_layer_decay_and_wrong_configuration(tiny_workspace, sac_config):
     ws = tiny_workspace
-    source = _fold(ws, "nnUNetTrainerSACViT", 0) / "checkpoint_final.pth"
+    source = fold_folder(ws, "nnUNetTrainerSACViT", SAC_CONFIG, 0) / "checkpoint_final.pth"
     if not source.is_file():
         pytest.skip("needs test_supervised_train_resume_predict")
     trainer = "nnUNetTrainerSACViTFinetune_layerDecay075"
     proc = ws.run("nnUNetv2_train", str(TINY_ID), sac_config, "1", "-tr", trainer, "-device", "cpu",
                   "-pretrained_weights", str(source), **{**TRAIN_BUDGET, "nnUNet_mim_epochs": "1"})
     assert "0 missing, 0 with another shape" in proc.stdout
-    log = next(_fold(ws, trainer, 1).glob("training_log_*.txt")).read_text()
+    log = next(fold_folder(ws, trainer, SAC_CONFIG, 1).glob("training_log_*.txt")).read_text()
     assert "layer decay 0.75" in log and "{'encoder': 82, 'decoder': 82} tensors transferred" in log
-    ck = torch.load(_fold(ws, trainer, 1) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ck = torch.load(fold_folder(ws, trainer, SAC_CONFIG, 1) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     scales = sorted({round(g["lr_scale"], 6) for g in ck["optimizer_state"]["param_groups"]})
     assert scales == sorted(round(0.75 ** k, 6) for k in range(6))
 
@@ -170,7 +165,7 @@ def test_optional_eva02_initialisation(tmp_path, monkeypatch):
         def print_to_log_file(self, *args):
             self.lines.append(" ".join(str(a) for a in args))
 
-    net = SACViTSeg(1, 2, (32, 32, 32), da=0, **{**TINY, "depth": 2, "out_indices": [0, 0, 1, 1]})
+    net = SACViTSeg(1, 2, (32, 32, 32), da=0, **{**TINY_VIT, "depth": 2, "out_indices": [0, 0, 1, 1]})
     before = {k: v.clone() for k, v in net.state_dict().items()}
     log = _Log()
     monkeypatch.delenv(EVA02_WEIGHTS_ENV, raising=False)

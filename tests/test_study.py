@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import TINY_CONFIG, TINY_ID, TRAIN_BUDGET, fold_folder
+from helpers import TINY_CONFIG, TINY_ID, TRAIN_BUDGET, fold_folder
 from nnunet_mim.apps.study import FIRST_STUDY_FOLD, fold_of, label_subset
 
 CASES = [f"c{i:02d}" for i in range(20)]

@@ -14,7 +14,8 @@ from nnunet_mim.core.losses.tokens import masked_soft_cross_entropy, soft_cross_
 from nnunet_mim.core.masking import random_token_mask
 from nnunet_mim.trainers.token_mim import TokenMIMNet
 
-TINY = dict(embed_dim=48, depth=4, num_heads=3, decoder_channels=(4, 8, 8, 16, 16, 16))
+from helpers import TINY_VIT
+
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +51,7 @@ def test_mask_count_is_exact(n, ratio, expected):
 
 
 def test_token_mim_network():
-    seg = SACViTSeg(1, 3, (16, 32, 32), da=1, **TINY)
+    seg = SACViTSeg(1, 3, (16, 32, 32), da=1, **TINY_VIT)
     seg_keys = list(seg.state_dict())
     net = TokenMIMNet(seg, num_embeddings=64)
     keys = list(net.state_dict())
@@ -101,7 +102,7 @@ def test_compute_losses_uses_the_masked_positions(monkeypatch):
     from nnunet_mim.trainers import token_mim
 
     k = 16
-    seg = SACViTSeg(1, 2, (32, 32, 32), da=0, **TINY)  # token grid 2 x 2 x 2
+    seg = SACViTSeg(1, 2, (32, 32, 32), da=0, **TINY_VIT)  # token grid 2 x 2 x 2
     net = TokenMIMNet(seg, k)
     with torch.no_grad():  # codes 0 .. k-1 from unlikely to likely, plus a position-dependent part
         net.mim_head[-1].weight.normal_(0.0, 0.3)
@@ -149,7 +150,7 @@ def test_rope_only_mask_token_variant(monkeypatch):
     mask token (no absolute position embedding, official PUMIT code); the default keeps the BEiT order."""
     from nnunet_mim.trainers import token_mim
 
-    monkeypatch.setattr(token_mim, "build_sac_vit_seg", lambda *a, **k: SACViTSeg(1, 2, (32, 32, 32), da=0, **TINY))
+    monkeypatch.setattr(token_mim, "build_sac_vit_seg", lambda *a, **k: SACViTSeg(1, 2, (32, 32, 32), da=0, **TINY_VIT))
     tok = VisualTokenizer(TokenizerConfig(1, (8, 16, 32), 32, 8), da=0)
     nets = {}
     for cls in (token_mim.TokenMIMPretrainer, token_mim.TokenMIMPretrainer_maskTokenRoPEOnly):
@@ -185,7 +186,7 @@ def test_eva02_mask_token_reaches_the_token_mim_network(tmp_path, monkeypatch):
     torch.save(eva.state_dict(), tmp_path / "timm.pt")
 
     def fresh():
-        return TokenMIMNet(SACViTSeg(1, 2, (32, 32, 32), da=0, **{**TINY, "depth": 2}), 16)
+        return TokenMIMNet(SACViTSeg(1, 2, (32, 32, 32), da=0, **{**TINY_VIT, "depth": 2}), 16)
 
     net = fresh()
     report = load_eva02_2d_weights(net, tmp_path / "eva02_pt.pt")
@@ -218,7 +219,7 @@ def test_compute_losses_with_frozen_tokenizer():
     from nnunet_mim.trainers.token_mim import TokenMIMPretrainer
 
     tok = VisualTokenizer(TokenizerConfig(1, (8, 16, 32), 32, 8), da=0).eval().requires_grad_(False)
-    seg = SACViTSeg(1, 2, (32, 32, 32), da=0, **TINY)
+    seg = SACViTSeg(1, 2, (32, 32, 32), da=0, **TINY_VIT)
     trainer = TokenMIMPretrainer.__new__(TokenMIMPretrainer)  # only what compute_losses touches
     trainer.tokenizer = tok
     trainer.network = TokenMIMNet(seg, tok.num_embeddings)

@@ -28,24 +28,25 @@ setup(
         "nnunet_mim.architectures": "architectures",
     },
     install_requires=[
-        # Floors are what our code needs (the tested set is the README's: torch 2.14.1, numpy 2.4, timm 1.0.22,
-        # MONAI 1.6, nnunetv2 2.8.1); CI tests that set only.
-        "torch>=2.5",  # torch.serialization.safe_globals (weights_only loading of nnU-Net checkpoints)
-        "nnunetv2>=2.8,<2.9",
-        "dynamic-network-architectures>=0.4",
+        # Floors are the versions CI tests (README, "Set-up"): older ones may work but are untested, so they are not
+        # declared. nnunetv2 2.6 and 2.7 are tested end to end in their own environments
+        # (documentation/nnunet_versions.md); everything else at the versions below.
+        "torch>=2.14",  # also needs torch.serialization.safe_globals (>= 2.5) for weights_only loading
+        "nnunetv2>=2.6,<2.9",  # 2.6 / 2.7: `nnunet_mim register-trainers`; 2.8: nnUNet_extTrainer
+        "dynamic-network-architectures>=0.4.4",  # Primus and the weight-key attributes
         "batchgenerators>=0.25",  # nnU-Net's data loading; seeded runs use its ordered MultiThreadedAugmenter
         "batchgeneratorsv2>=0.3",  # nnU-Net's augmentation, which seeded runs seed in every worker
-        "SimpleITK>=2.2",
-        "numpy>=1.25",  # numpy.dtypes (allow-listed for weights_only loading)
-        "scipy>=1.10",  # smooth elastic deformations of the offline datasets (nnunet_mim/apps/data/variation.py)
-        "matplotlib>=3.7",
-        "safetensors>=0.4",  # .safetensors checkpoints (nnunet_mim/nnunet/weights.py)
+        "SimpleITK>=2.5",
+        "numpy>=2.4",  # numpy.dtypes (allow-listed for weights_only loading) needs >= 1.25
+        "scipy>=1.17",  # smooth elastic deformations of the offline datasets (nnunet_mim/apps/data/variation.py)
+        "matplotlib>=3.11",
+        "safetensors>=0.8",  # .safetensors checkpoints (nnunet_mim/nnunet/weights.py)
         # MONAI: SwinUNETR and surface-distance metrics (HD95, ASSD); see documentation/deviations.md
-        "monai>=1.5,<1.7",
+        "monai>=1.6,<1.7",
         # timm: EVA-02 blocks (SwiGLU, sub-LN attention) for SAC-ViT; below 1.1 because SAC-ViT's checkpoint keys
         # follow timm's module names
-        "timm>=1.0,<1.1",
-        "threadpoolctl>=3.1",  # one thread per data-augmentation worker of seeded runs (nnunet_mim/nnunet/seeding.py)
+        "timm>=1.0.22,<1.1",
+        "threadpoolctl>=3.8",  # one thread per data-augmentation worker of seeded runs (nnunet_mim/nnunet/seeding.py)
     ],
     extras_require={"test": ["pytest>=7"], "data": ["nilearn>=0.10"]},
     package_data={"nnunet_mim": ["ext_trainers/*.py"]},

@@ -26,7 +26,7 @@ from torch.profiler import record_function
 
 from nnunet_mim.core.distributed import any_rank
 from nnunet_mim.nnunet import settings
-from nnunet_mim.nnunet.progress import ComponentLocalLogger
+from nnunet_mim.nnunet.progress import ComponentLocalLogger, install_local_logger, local_logger
 from nnunet_mim.nnunet.seeding import derived_seed, seed_everything, seeded_augmenters
 from nnunet_mim.core.schedules import FunctionalLRSchedule, warmup_cosine
 
@@ -66,8 +66,8 @@ class BudgetFromEnvironment:
 
         # stored in every checkpoint (nnU-Net saves and restores ``my_init_kwargs``): --c compares them
         self.my_init_kwargs[SETTINGS_KEY] = settings.resume_snapshot()
-        self.logger.local_logger.plot_progress_png = never_fail(self.logger.local_logger.plot_progress_png,
-                                                                "progress.png", self.print_to_log_file)
+        logger = local_logger(self)
+        logger.plot_progress_png = never_fail(logger.plot_progress_png, "progress.png", self.print_to_log_file)
 
     def get_dataloaders(self):
         if self.seed is None:
@@ -199,7 +199,7 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
         self.save_every = 10
         self.enable_deep_supervision = False
         self.oversample_foreground_percent = 0.0  # pretraining must not depend on labels
-        self.logger.local_logger = ComponentLocalLogger(self.loss_components)
+        install_local_logger(self, ComponentLocalLogger(self.loss_components))
         self._preview_batch = None
 
     # ---- set-up ---------------------------------------------------------------------------------

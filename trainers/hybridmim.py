@@ -9,7 +9,6 @@ speed comparison), ``_paperGrid`` (the paper's 32^3 sub-volumes where the plan a
 from __future__ import annotations
 
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_mim.architectures.hybridmim import HybridMIMModel
@@ -18,6 +17,7 @@ from nnunet_mim.core.losses.hybridmim import consistency_loss, count_loss, locat
 from nnunet_mim.core.losses.reconstruction import masked_mse
 from nnunet_mim.core.masking import apply_mask, count_and_location_labels, patch_mask_to_voxels, sample_two_level_mask
 from nnunet_mim.nnunet.preview import save_reconstruction_preview
+from nnunet_mim.nnunet.versions import build_planned_network, network_builder
 from nnunet_mim.trainers.base import MIMPretrainerBase
 
 
@@ -56,13 +56,12 @@ class HybridMIMPretrainer(MIMPretrainerBase):
     loss_weights: dict[str, float] = FULL_WEIGHTS
     loss_components = ("reconstruction", "count", "location", "consistency", "contrastive")
 
-    @classmethod
+    @network_builder
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> HybridMIMModel:
         """The planned network, built to reconstruct its input channels, wrapped with the HybridMIM heads."""
-        network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                           num_input_channels, False)
+        network = build_planned_network(configuration_manager, num_input_channels, num_input_channels, False)
         return HybridMIMModel(network, configuration_manager.patch_size, cls.mask_ratio, cls.partial_region,
                               cls.region_fraction, cls.region_placement, cls.encoder_dropout,
                               pool=cls.subvolume_cells)

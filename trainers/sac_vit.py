@@ -26,7 +26,12 @@ from nnunet_mim.nnunet import settings
 from nnunet_mim.nnunet.eva02_weights import load_eva02_2d_weights
 from nnunet_mim.nnunet.sac_vit_plans import check_patch_and_spacing_agree
 from nnunet_mim.nnunet.networks import require_network
-from nnunet_mim.nnunet.versions import build_planned_network, network_builder, trainer_name
+from nnunet_mim.nnunet.versions import (
+    build_planned_network,
+    knows_only_the_architecture,
+    network_builder,
+    trainer_name,
+)
 from nnunet_mim.trainers.base import MIMPretrainerBase
 from nnunet_mim.trainers.supervised import SupervisedTrainerBase
 from nnunet_mim.nnunet.weights import unwrap
@@ -55,7 +60,8 @@ def require_sac_vit_configuration(plans_manager: PlansManager, configuration_man
                                   trainer: str) -> None:
     """Raise with the command that creates a SAC-ViT configuration when the plans build another network."""
     require_network(plans_manager, configuration_manager, SACViTSeg, trainer, "sac-vit")
-    check_patch_and_spacing_agree(configuration_manager)
+    if not knows_only_the_architecture(configuration_manager):  # nnunetv2 2.6's predictor passes no data fields
+        check_patch_and_spacing_agree(configuration_manager)
 
 
 def build_sac_vit_seg(plans_manager: PlansManager, configuration_manager: ConfigurationManager,

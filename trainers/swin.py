@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
 from nnunet_mim.architectures.swin_unetr import SwinUNETR, check_swin_patch_size
 from nnunet_mim.architectures.hybridmim import HybridMIMModel
+from nnunet_mim.nnunet.versions import build_planned_network, network_builder, trainer_name
 from nnunet_mim.nnunet.networks import require_network
 from nnunet_mim.trainers.supervised import SupervisedTrainerBase
 from nnunet_mim.trainers.hybridmim import ABLATIONS, HybridMIMPretrainer, ablation_weights
@@ -65,12 +65,12 @@ class nnUNetTrainerSwinUNETR_noDS(nnUNetTrainerSwinUNETR):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.enable_deep_supervision = False
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    @network_builder
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                           num_output_channels, enable_deep_supervision)
+        network = build_planned_network(configuration_manager, num_input_channels, num_output_channels,
+                                        enable_deep_supervision)
         if not enable_deep_supervision:  # the unused deep-supervision heads get no gradient (DDP needs none)
             for head in list(network.decoder.seg_layers)[:-1]:
                 head.requires_grad_(False)
@@ -109,11 +109,11 @@ class HybridMIMPretrainerSwin(HybridMIMPretrainer):
         self.initial_lr = self.swin_initial_lr
         self.weight_decay = self.swin_weight_decay
 
-    @classmethod
+    @network_builder
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> HybridMIMModel:
-        require_swin_configuration(configuration_manager, None, cls.__name__)
+        require_swin_configuration(configuration_manager, None, trainer_name(cls))
         kwargs = {**configuration_manager.network_arch_init_kwargs, "drop_rate": cls.swin_drop_rate}
         network = get_network_from_plans(configuration_manager.network_arch_class_name, kwargs,
                                          configuration_manager.network_arch_init_kwargs_req_import,

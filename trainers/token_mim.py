@@ -43,6 +43,7 @@ from nnunet_mim.core.patches import token_mask_to_voxels
 from nnunet_mim.nnunet.preview import save_codebook_usage, save_volume_panels
 from nnunet_mim.core.sac import degree_of_anisotropy, sac_token_size
 from nnunet_mim.nnunet.eva02_weights import load_eva02_mask_token
+from nnunet_mim.nnunet.versions import network_builder, trainer_name
 from nnunet_mim.trainers.base import MIMPretrainerBase
 from nnunet_mim.trainers.sac_vit import (
     EVA02_WEIGHTS_ENV,
@@ -153,7 +154,7 @@ class VisualTokenizerTrainer(MIMPretrainerBase):
     def tokenizer_config(cls, num_input_channels: int) -> TokenizerConfig:
         return TokenizerConfig(num_input_channels, tuple(cls.channels), cls.num_embeddings, cls.embedding_dim)
 
-    @classmethod
+    @network_builder
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> VisualTokenizerNet:
@@ -456,15 +457,23 @@ class TokenMIMPretrainer(SACViTPretrainerBase):
             self.print_to_log_file(f"{path} holds no mask_token (e.g. timm's EVA-02 weights drop it): mim_mask_token "
                                    f"keeps its random initialisation")
 
-    def build_network_architecture(self, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    @network_builder
+    def build_network_architecture(owner, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> TokenMIMNet:
-        """An instance method (the head's size is the loaded tokenizer's codebook size)."""
-        if self.tokenizer is None:
+        """The head predicts the loaded tokenizer's codebook when a trainer builds it (training, after
+        ``initialize()`` has loaded the tokenizer); built on the class (nnU-Net's predictor, check-weights), it gets
+        the default codebook size of :class:`VisualTokenizerTrainer`. Only the ``mim_*`` head depends on it: the
+        SAC-ViT keys, which ``-pretrained_weights`` transfers, are the same either way."""
+        if isinstance(owner, type):
+            num_embeddings = VisualTokenizerTrainer.num_embeddings
+        elif owner.tokenizer is None:
             raise RuntimeError("TokenMIMPretrainer builds its network after loading the tokenizer (initialize())")
+        else:
+            num_embeddings = owner.tokenizer.num_embeddings
         seg = build_sac_vit_seg(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                type(self).__name__)
-        return TokenMIMNet(seg, self.tokenizer.num_embeddings, self.mask_token_pos_embed)
+                                trainer_name(owner))
+        return TokenMIMNet(seg, num_embeddings, owner.mask_token_pos_embed)
 
     def compute_losses(self, data: torch.Tensor, training: bool) -> dict[str, torch.Tensor]:
         model = self.mim_model

@@ -139,15 +139,14 @@ def build_trainer(dataset: str, configuration: str, trainer_name: str, plans_ide
                   device: torch.device):
     """Instantiate and initialise a trainer exactly as ``nnUNetv2_train`` does (its output goes to a temp dir)."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     from nnunet_mim.nnunet.plans import dataset_folder, plans_path
+    from nnunet_mim.nnunet.versions import find_trainer_class
 
     plans = load_json(plans_path(dataset, plans_identifier))
     plans["continue_training"] = False
     dataset_json = load_json(join(dataset_folder(dataset), "dataset.json"))
-    trainer = recursive_find_trainer_class_by_name(trainer_name)(plans, configuration, "benchmark", dataset_json,
-                                                                 device)
+    trainer = find_trainer_class(trainer_name)(plans, configuration, "benchmark", dataset_json, device)
     trainer.initialize()
     trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
     trainer.network.train()

@@ -6,26 +6,17 @@ def build_network_for(dataset: str, configuration: str, plans_identifier: str = 
                       trainer: str = "nnUNetTrainer"):
     """The segmentation network that ``nnUNetv2_train`` would build for this dataset/configuration/trainer."""
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_mim.nnunet.plans import dataset_folder, plans_path
+    from nnunet_mim.nnunet.versions import call_build_network_architecture, find_trainer_class
 
     plans_manager = PlansManager(plans_path(dataset, plans_identifier))
     configuration_manager = plans_manager.get_configuration(configuration)
     dataset_json = load_json(join(dataset_folder(dataset), "dataset.json"))
-    try:
-        trainer_class = recursive_find_trainer_class_by_name(trainer)
-    except RuntimeError as e:
-        import os
-
-        if os.environ.get("nnUNet_extTrainer"):
-            raise
-        raise RuntimeError(f"{e}\nnnunet_mim's trainers are found through nnUNet_extTrainer, which is not set: "
-                           f"`export nnUNet_extTrainer=$(nnunet_mim ext-path)`.") from None
-    return trainer_class.build_network_architecture(
-        plans_manager, configuration_manager,
+    return call_build_network_architecture(
+        find_trainer_class(trainer), plans_manager, configuration_manager,
         determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, False)
 

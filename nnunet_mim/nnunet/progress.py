@@ -1,4 +1,9 @@
-"""nnU-Net's progress.png with one more panel: the curves of each pretraining loss component."""
+"""nnU-Net's progress.png with one more panel: the curves of each pretraining loss component.
+
+nnunetv2 2.7+ logs through a ``MetaLogger`` whose ``local_logger`` holds the values and draws progress.png; in 2.6
+``trainer.logger`` is that logger itself (``nnUNetLogger``). :func:`local_logger` and :func:`install_local_logger`
+hide the difference.
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,7 +13,24 @@ import matplotlib
 matplotlib.use("agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
+
+try:  # nnunetv2 >= 2.7
+    from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
+except ImportError:  # nnunetv2 2.6: the trainer's logger is the local logger
+    from nnunetv2.training.logging.nnunet_logger import nnUNetLogger as LocalLogger  # noqa: E402
+
+
+def local_logger(trainer):
+    """The logger that holds a trainer's values and draws its progress.png."""
+    return getattr(trainer.logger, "local_logger", trainer.logger)
+
+
+def install_local_logger(trainer, logger) -> None:
+    """Make ``logger`` the one that holds the trainer's values and draws its progress.png."""
+    if hasattr(trainer.logger, "local_logger"):
+        trainer.logger.local_logger = logger
+    else:
+        trainer.logger = logger
 
 
 class ComponentLocalLogger(LocalLogger):
@@ -23,6 +45,11 @@ class ComponentLocalLogger(LocalLogger):
         self.components = tuple(components)
         for name in self.component_keys():
             self.my_fantastic_logging[name] = []
+
+    def get_value(self, key: str, step: int | None):
+        """The value logged at ``step`` (all of them for ``None``); nnunetv2 2.6's logger lacks this method."""
+        values = self.my_fantastic_logging[key]
+        return values if step is None else values[step]
 
     def component_keys(self) -> list[str]:
         return [f"{split}_{c}" for split in ("train", "val") for c in self.components]

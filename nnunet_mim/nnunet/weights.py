@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -19,6 +20,7 @@ from torch import nn
 SEGMENTATION_KEYS = (".seg_layers.",)  # what nnU-Net's load_pretrained_weights never transfers
 PRETRAINING_ONLY_PREFIXES = ("mim_heads.", "mim_", "tokenizer.")  # pretext heads: never in a segmentation net
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile
+OUTER_PREFIXES = ("model.",)  # a LightningModule's / training wrapper's attribute: stripped only when every key has it
 
 
 def is_segmentation_head(key: str) -> bool:
@@ -87,7 +89,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            if not _is_complete_pickle(path):  # not a pickle at all: damaged, or another format
+            if not (zipfile.is_zipfile(path) or _is_complete_pickle(path)):  # damaged, or another format
                 raise RuntimeError(f"{path} is not a readable checkpoint: the file is truncated or corrupt, or not a "
                                    f"PyTorch file. Re-copy it (and compare its size with the original).") from e
             # a pickle of arbitrary objects: refuse, say why
@@ -115,7 +117,8 @@ def _is_complete_pickle(path: str) -> bool:
 
 def state_dict_of(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     """The network state_dict inside an nnU-Net checkpoint (``network_weights``), a ``state_dict``/``model``
-    entry, or a plain state_dict; DDP/compile prefixes are stripped."""
+    entry, or a plain state_dict; DDP/compile prefixes are stripped, and :data:`OUTER_PREFIXES` when all keys
+    have it."""
     for key in ("network_weights", "state_dict", "model"):
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             checkpoint = checkpoint[key]
@@ -126,7 +129,17 @@ def state_dict_of(checkpoint: Mapping) -> dict[str, torch.Tensor]:
             state[strip_wrapper_prefixes(k)] = v
     if not state:
         raise ValueError("The checkpoint holds no tensors: is it a network checkpoint?")
-    return state
+    return strip_outer_prefix(state)
+
+
+def strip_outer_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``model.encoder.x`` -> ``encoder.x`` when *every* key starts with the same :data:`OUTER_PREFIXES` entry (a
+    network kept as ``self.model`` of a training wrapper); a network with its own ``model`` child among others keeps
+    its keys."""
+    for prefix in OUTER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return {strip_wrapper_prefixes(k[len(prefix):]): v for k, v in state.items()}
+    return dict(state)
 
 
 def input_projection_key(network: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:

@@ -25,6 +25,8 @@ Design (documentation/results.md shows it on the embedded data):
   the difference) for Dice, HD95 and ASSD, with a 95 % two-way (seeds x test cases) bootstrap interval
   (:mod:`nnunet_mim.core.statistics`), per-class Dice, and the iterations each arm needs to reach 90 % of the scratch
   arm's final validation Dice.
+- **Pool.** Before ``--pretrain``, the pool's images are compared with the target's imagesTr and imagesTs (exact
+  voxel copies, :mod:`nnunet_mim.nnunet.contamination`): a warning lists shared cases, ``--strict`` refuses them.
 """
 from __future__ import annotations
 
@@ -487,6 +489,22 @@ def _machine() -> str:
 
 
 # ------------------------------------------------------------------------------------------------- command
+CONTAMINATION_CACHE = "contamination_digests.json"  # in the work folder: a rerun hashes only new or changed images
+
+
+def check_pool(pipeline: Pipeline, dataset: str | int, pool_name: str, strict: bool = False) -> list:
+    """The contamination check of the pretraining pool against the target's imagesTr and imagesTs
+    (:mod:`nnunet_mim.nnunet.contamination`): a warning, or with ``strict`` an exit naming the cases."""
+    from nnunet_mim.nnunet.contamination import ContaminationError, check_pool_dataset
+
+    try:
+        return check_pool_dataset(pool_name, dataset_name(pipeline.preprocessed, dataset), str(pipeline.raw),
+                                  str(pipeline.preprocessed), strict, pipeline.processes,
+                                  str(pipeline.root / CONTAMINATION_CACHE))
+    except ContaminationError as e:
+        raise SystemExit(f"nnunet_mim study: {e}") from None
+
+
 def _run(args) -> None:
     import shlex
     import sys
@@ -519,6 +537,7 @@ def _run(args) -> None:
             if pool is None:
                 raise SystemExit("nnunet_mim study --pretrain needs --pool (the unlabeled dataset to pretrain on)")
             pool_name = dataset_name(pipeline.preprocessed, pool)
+            check_pool(pipeline, dataset, pool_name, args.strict)
             checkpoint = pipeline.train(pool, configuration, "all", args.pretrain,
                                         pipeline.results_folder(pool_name, args.pretrain, configuration),
                                         **pipeline.budget(args.pretrain_epochs, args.pretrain_iters, args.val_iters,
@@ -545,6 +564,8 @@ def add_parser(subparsers) -> None:
                    help="pretrain on --pool first (e.g. HybridMIMPretrainer)")
     p.add_argument("--pool", default=None, help="unlabeled pretraining dataset (default with --demo-data: 511)")
     p.add_argument("--pretrain-name", default="pretrained", help="arm name of the --pretrain checkpoint")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a --pool that shares images with the target's imagesTr or imagesTs (default: warn)")
     p.add_argument("--pretrain-epochs", type=int, default=DemoSettings.pretrain_epochs)
     p.add_argument("--pretrain-iters", type=int, default=DemoSettings.pretrain_iters)
     p.add_argument("--pretrain-seed", type=int, default=0)

@@ -6,6 +6,7 @@ we skip it: the new dataset gets a copy of the target's plans, dataset.json and 
 image goes through the target configuration's own preprocessor (transpose, crop to non-zero, normalise
 with the target's intensity statistics, resample to the target spacing). No dummy labels are asked of
 the user; the stored segmentation is nnU-Net's "no label" map (-1 outside the non-zero crop, 0 inside).
+Scans that are also cases of the target (imagesTr, imagesTs) are reported first (:mod:`.contamination`).
 
     nnunet_mim import-unlabeled -i scans/ -t 4 -d 504 -c 3d_fullres
     nnUNetv2_train 504 3d_fullres all -tr HybridMIMPretrainer
@@ -103,11 +104,15 @@ def _preprocess_one(args) -> str:
 
 def import_unlabeled(images_folder: str, target_dataset: str | int, dataset_id: int, name: str | None = None,
                      configurations: Sequence[str] = ("3d_fullres",), plans_identifier: str = "nnUNetPlans",
-                     num_processes: int = 1, overwrite: bool = False) -> str:
+                     num_processes: int = 1, overwrite: bool = False, strict: bool = False) -> str:
     """Create ``DatasetXXX_<name>`` in nnUNet_preprocessed from ``images_folder`` with the target's plans.
 
+    Before anything is written, the images are compared with the target's imagesTr and imagesTs
+    (:mod:`nnunet_mim.nnunet.contamination`): a warning lists shared scans; ``strict`` refuses them.
     Returns the new dataset's name.
     """
+    from nnunet_mim.nnunet.contamination import check_pool
+
     if not isdir(images_folder):
         raise NotADirectoryError(images_folder)
     target_name = maybe_convert_to_dataset_name(target_dataset)
@@ -117,33 +122,56 @@ def import_unlabeled(images_folder: str, target_dataset: str | int, dataset_id: 
     new_name = f"Dataset{int(dataset_id):03d}_{name or target_name.split('_', 1)[1] + 'Unlabeled'}"
     _check_free(int(dataset_id), new_name)
     new_folder = join(str(nnUNet_preprocessed), new_name)
-    if isdir(new_folder):
-        if not overwrite:
-            raise FileExistsError(f"{new_folder} exists; pass --overwrite to rebuild it.")
-        shutil.rmtree(new_folder)
+    if isdir(new_folder) and not overwrite:
+        raise FileExistsError(f"{new_folder} exists; pass --overwrite to rebuild it.")
 
     cases = group_images(images_folder, dataset_json["file_ending"], len(dataset_json["channel_names"]))
     plans_manager = PlansManager(plans)
+    check_pool(cases, plans_manager.image_reader_writer_class, target_name, images_folder, strict=strict,
+               fix=f"delete the files of these cases from {images_folder}, then run the import again",
+               num_processes=num_processes)
+    if isdir(new_folder):
+        shutil.rmtree(new_folder)
     maybe_mkdir_p(new_folder)
     plans["dataset_name"] = new_name
     save_json(plans, join(new_folder, f"{plans_identifier}.json"), sort_keys=False)
-    save_json({**dataset_json, "numTraining": len(cases), "nnunet_mim_unlabeled_import": {
-        "source_folder": os.path.abspath(images_folder), "plans_from": target_name}},
-        join(new_folder, "dataset.json"), sort_keys=False)
+    save_json(unlabeled_dataset_json(dataset_json, len(cases), images_folder, target_name),
+              join(new_folder, "dataset.json"), sort_keys=False)
     shutil.copy(join(target_folder, "dataset_fingerprint.json"), join(new_folder, "dataset_fingerprint.json"))
+    preprocess_unlabeled(new_folder, cases, plans, configurations, dataset_json, num_processes, target_name)
+    print(f"Done: {new_name}. Pretrain with `nnUNetv2_train {int(dataset_id)} {configurations[0]} all -tr "
+          f"HybridMIMPretrainer` and finetune on {target_name} with -pretrained_weights.")
+    return new_name
 
-    done = set()
+
+def unlabeled_dataset_json(target_dataset_json: dict, num_cases: int, images_folder: str, plans_from: str) -> dict:
+    """The target's dataset.json (labels, channels, file ending) marked as an unlabeled import of ``images_folder``;
+    segmentation trainers refuse datasets with this mark."""
+    return {**{k: v for k, v in target_dataset_json.items() if k != "dataset"}, "numTraining": num_cases,
+            "nnunet_mim_unlabeled_import": {"source_folder": os.path.abspath(images_folder), "plans_from": plans_from}}
+
+
+def preprocess_unlabeled(dataset_folder_: str, cases: dict[str, list[str]], plans: dict,
+                         configurations: Sequence[str], dataset_json: dict, num_processes: int = 1,
+                         plans_from: str | None = None) -> list[str]:
+    """Run every case through each configuration's preprocessor without labels, into
+    ``dataset_folder_/<data_identifier>`` (emptied first; configurations sharing data are done once). Returns the
+    data identifiers written. ``plans_from`` names the dataset the plans were made for (for the progress line)."""
+    plans_manager = PlansManager(plans)
+    done = []
     for configuration in configurations:
         cm = plans_manager.get_configuration(configuration)
         if cm.data_identifier in done:
             continue
-        done.add(cm.data_identifier)
-        out = join(new_folder, cm.data_identifier)
+        done.append(cm.data_identifier)
+        out = join(dataset_folder_, cm.data_identifier)
+        if isdir(out):
+            shutil.rmtree(out)
         maybe_mkdir_p(out)
         jobs = [(cm.preprocessor_class, join(out, case), files, plans, configuration, dataset_json)
                 for case, files in cases.items()]
-        print(f"Preprocessing {len(jobs)} unlabeled case(s) for {configuration} with the plans of {target_name} "
-              f"-> {out}")
+        print(f"Preprocessing {len(jobs)} unlabeled case(s) for {configuration} with the plans of "
+              f"{plans_from or plans_manager.dataset_name} -> {out}")
         if num_processes > 1:
             with get_context("spawn").Pool(num_processes) as pool:
                 for i, _ in enumerate(pool.imap_unordered(_preprocess_one, jobs), 1):
@@ -152,9 +180,7 @@ def import_unlabeled(images_folder: str, target_dataset: str | int, dataset_id: 
             for i, job in enumerate(jobs, 1):
                 _preprocess_one(job)
                 print(f"  {i}/{len(jobs)}", flush=True)
-    print(f"Done: {new_name}. Pretrain with `nnUNetv2_train {int(dataset_id)} {configurations[0]} all -tr "
-          f"HybridMIMPretrainer` and finetune on {target_name} with -pretrained_weights.")
-    return new_name
+    return done
 
 
 def _check_free(dataset_id: int, new_name: str) -> None:

@@ -36,6 +36,8 @@ from torch import nn
 __all__ = [
     "SWIN_STRIDES",
     "SWIN_DIVISOR",
+    "SWIN_FEATURE_SIZE",
+    "SWIN_WINDOW_SIZE",
     "DOWNSAMPLE_MODES",
     "LegacyPatchMerging",
     "SwinUNETREncoder",
@@ -50,6 +52,10 @@ __all__ = [
 SWIN_STRIDES: tuple[tuple[int, int, int], ...] = ((1, 1, 1),) + ((2, 2, 2),) * 5
 #: every spatial input size must be a multiple of this (patch size 2, four patch mergings: 2 ** 5)
 SWIN_DIVISOR = 32
+#: Swin-UNETR's defaults (Hatamizadeh et al.; MONAI; the NVIDIA / HybridMIM pretrained weights): embedding width and
+#: attention window
+SWIN_FEATURE_SIZE = 48
+SWIN_WINDOW_SIZE = 7
 DOWNSAMPLE_MODES = ("mergingv2", "merging_legacy", "merging")
 
 # MONAI SwinUNETR keyword -> default; only these reach MONAI (everything else is ours or nnU-Net's)

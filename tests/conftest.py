@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 
 from helpers import TINY_CONFIG, TINY_ID, TINY_SAC_ARCH, TINY_SAC_CONFIG, Workspace, make_workspace
-from helpers import *  # noqa: F401,F403  TEMPORARY re-export while test modules move to `from helpers import`
 
 
 @pytest.fixture(scope="session")

@@ -197,3 +197,17 @@ def test_patch_and_spacing_written_twice_must_agree():
         check_patch_and_spacing_agree(cm([32, 64, 96], [2.0, 1.0, 1.0]), "3d_sac_vit")
     with pytest.raises(ValueError, match="spacing"):
         check_patch_and_spacing_agree(cm([32, 64, 64], [3.0, 1.0, 1.0]))
+
+
+def test_the_one_patch_rounding_rule():
+    from nnunet_mim.nnunet.plans import round_patch
+
+    assert round_patch([40, 47, 48], 16) == [48, 48, 48]  # nearest, halves up
+    assert round_patch([5, 100, 90], [4, 32, 32]) == [4, 96, 96]  # one multiple per axis
+    assert round_patch([1, 8, 15], 16) == [16, 16, 16]  # at least one multiple
+    assert round_patch([33, 64, 65], 32, up=True) == [64, 64, 96]  # smallest patch >= the request
+    for patch in ([37, 91, 160], [8, 8, 8]):
+        for up in (False, True):
+            out = round_patch(patch, [4, 8, 16], up=up)
+            assert all(o % m == 0 for o, m in zip(out, [4, 8, 16]))
+            assert not up or all(o >= p for o, p in zip(out, patch))

@@ -22,13 +22,21 @@ from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_mim.architectures.swin_unetr import (
+    SWIN_DIVISOR,
+    SWIN_FEATURE_SIZE,
+    SWIN_STRIDES,
+    SWIN_WINDOW_SIZE,
+    SwinUNETR,
+)
+
 PER_STAGE_KWARGS = ("features_per_stage", "kernel_sizes", "strides", "n_conv_per_stage", "n_blocks_per_stage",
                     "bottleneck_channels")
 
 
 def plans_path(dataset: str | int, plans_identifier: str = "nnUNetPlans") -> str:
     """Path of ``nnUNet_preprocessed/DatasetXXX_Name/<plans_identifier>.json`` (must exist)."""
-    if nnUNet_preprocessed is None or not nnUNet_preprocessed.is_set():
+    if not nnUNet_preprocessed:  # nnunetv2 2.8: an unset path object is false; 2.6/2.7: None
         raise RuntimeError("nnUNet_preprocessed is not set: export it as for any nnU-Net command.")
     path = join(str(nnUNet_preprocessed), maybe_convert_to_dataset_name(dataset), f"{plans_identifier}.json")
     if not isfile(path):
@@ -69,9 +77,14 @@ def features_doubling(n_stages: int, first: int, maximum: int) -> list[int]:
     return [min(first * 2 ** i, maximum) for i in range(n_stages)]
 
 
-def round_patch_to_stride(patch_size: Sequence[int], total_stride: Sequence[int]) -> list[int]:
-    """Smallest patch >= ``patch_size`` divisible by the network's total stride on every axis."""
-    return [int(np.ceil(p / s) * s) for p, s in zip(patch_size, total_stride)]
+def round_patch(patch_size: Sequence[int], multiple: int | Sequence[int], up: bool = False) -> list[int]:
+    """The one patch-rounding rule: per axis a multiple of ``multiple`` (one int, or one per axis: a network's total
+    stride, a token size). Nearest (halves round up, at least one multiple) keeps the patch, and the memory nnU-Net
+    planned for, close to the request; ``up=True`` gives the smallest patch >= ``patch_size`` instead."""
+    multiples = [int(m) for m in np.broadcast_to(np.asarray(multiple), (len(patch_size),))]
+    if up:
+        return [int(np.ceil(p / m) * m) for p, m in zip(patch_size, multiples)]
+    return [max(m, int(np.floor(p / m + 0.5)) * m) for p, m in zip(patch_size, multiples)]
 
 
 def small_configuration(parent_config: dict, n_stages: int = 4, features: tuple[int, int] = (16, 128),
@@ -94,8 +107,8 @@ def small_configuration(parent_config: dict, n_stages: int = 4, features: tuple[
     if isinstance(kwargs.get("n_conv_per_stage_decoder"), (list, tuple)):
         kwargs["n_conv_per_stage_decoder"] = list(kwargs["n_conv_per_stage_decoder"])[:n_stages - 1]
     total_stride = np.prod(np.asarray(kwargs["strides"]), axis=0)
-    patch = round_patch_to_stride(patch_size if patch_size is not None else parent_config["patch_size"],
-                                  total_stride)
+    patch = round_patch(patch_size if patch_size is not None else parent_config["patch_size"], total_stride,
+                        up=True)
     return {"patch_size": patch, "batch_size": int(batch_size or parent_config["batch_size"]), "architecture": arch}
 
 
@@ -110,17 +123,12 @@ def add_small_configuration(dataset: str | int, name: str = "3d_small", parent: 
     return add_configuration(dataset, name, overrides, parent, plans_identifier, overwrite)
 
 
-SWIN_NETWORK_CLASS = "nnunet_mim.architectures.swin_unetr.SwinUNETR"
-SWIN_DIVISOR = 32  # 2x2x2 patch embedding + 4 patch mergings
+SWIN_NETWORK_CLASS = f"{SwinUNETR.__module__}.{SwinUNETR.__qualname__}"
 
 
-def round_patch_to_multiple(patch_size: Sequence[int], multiple: int) -> list[int]:
-    """Nearest multiple of ``multiple`` per axis (halves round up), at least ``multiple``."""
-    return [max(multiple, int(np.floor(p / multiple + 0.5)) * multiple) for p in patch_size]
-
-
-def swin_configuration(parent_config: dict, feature_size: int = 48, patch_size: Sequence[int] | None = None,
-                       batch_size: int | None = None, downsample: str = "mergingv2", window_size: int = 7,
+def swin_configuration(parent_config: dict, feature_size: int = SWIN_FEATURE_SIZE,
+                       patch_size: Sequence[int] | None = None, batch_size: int | None = None,
+                       downsample: str = "mergingv2", window_size: int = SWIN_WINDOW_SIZE,
                        use_checkpoint: bool = False, use_v2: bool = False) -> dict:
     """Overrides for a SwinUNETR configuration (documentation/swin.md) on ``parent_config``'s data.
 
@@ -136,9 +144,9 @@ def swin_configuration(parent_config: dict, feature_size: int = 48, patch_size: 
     if len(requested) != 3:
         raise ValueError(f"SwinUNETR configurations are 3D; the patch size is {requested}. Derive from a 3D "
                          f"configuration (--parent 3d_fullres).")
-    patch = round_patch_to_multiple(requested, SWIN_DIVISOR)
+    patch = round_patch(requested, SWIN_DIVISOR)
     if patch_size is None and int(np.prod([p // SWIN_DIVISOR for p in patch])) < 2:
-        patch = round_patch_to_stride(requested, [SWIN_DIVISOR] * 3)  # small parent patch: round up instead
+        patch = round_patch(requested, SWIN_DIVISOR, up=True)  # small parent patch: round up instead
     if int(np.prod([p // SWIN_DIVISOR for p in patch])) < 2:
         raise ValueError(f"Patch {patch} (from {requested}) gives SwinUNETR a single bottleneck token; make at least "
                          f"one edge >= {2 * SWIN_DIVISOR} (--patch).")
@@ -146,16 +154,16 @@ def swin_configuration(parent_config: dict, feature_size: int = 48, patch_size: 
                    "window_size": int(window_size), "norm_name": "instance", "drop_rate": 0.0, "attn_drop_rate": 0.0,
                    "dropout_path_rate": 0.0, "normalize": True, "use_checkpoint": bool(use_checkpoint),
                    "use_v2": bool(use_v2), "downsample": downsample,
-                   "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5}
+                   "strides": [list(s) for s in SWIN_STRIDES]}
     return {"patch_size": patch, "batch_size": int(batch_size or parent_config["batch_size"]),
             "architecture": {"network_class_name": SWIN_NETWORK_CLASS, "arch_kwargs": arch_kwargs,
                              "_kw_requires_import": []}}
 
 
 def add_swin_configuration(dataset: str | int, name: str = "3d_swin", parent: str = "3d_fullres",
-                           plans_identifier: str = "nnUNetPlans", feature_size: int = 48,
+                           plans_identifier: str = "nnUNetPlans", feature_size: int = SWIN_FEATURE_SIZE,
                            patch_size: Sequence[int] | None = None, batch_size: int | None = None,
-                           downsample: str = "mergingv2", window_size: int = 7, use_checkpoint: bool = False,
+                           downsample: str = "mergingv2", window_size: int = SWIN_WINDOW_SIZE, use_checkpoint: bool = False,
                            use_v2: bool = False, overwrite: bool = False) -> dict:
     """Add a SwinUNETR configuration inheriting ``parent`` (same preprocessed data); see :func:`swin_configuration`."""
     plans = PlansManager(plans_path(dataset, plans_identifier))

@@ -17,16 +17,18 @@ from nnunet_mim.architectures.sac_vit import (
     sac_vit_arch_kwargs,
 )
 from nnunet_mim.core.sac import degree_of_anisotropy, sac_token_size
+from nnunet_mim.nnunet.plans import round_patch
 
 
 def round_patch_to_tokens(patch_size: Sequence[int], da: int, min_tokens: int = 2) -> list[int]:
     """Nearest multiple of the token size ``(16 >> DA, 16, 16)`` per axis (ties round up, at least one token per
     axis); grows the last axis by one token if the patch would hold fewer than ``min_tokens`` tokens.
 
-    Nearest rather than up keeps the patch (and memory) close to what nnU-Net planned for the GPU budget.
+    Nearest rather than up keeps the patch (and memory) close to what nnU-Net planned for the GPU budget
+    (:func:`~nnunet_mim.nnunet.plans.round_patch`).
     """
     token = sac_token_size(da, TOKEN_SIZE)
-    out = [max(t, int(math.floor(p / t + 0.5)) * t) for p, t in zip(patch_size, token)]
+    out = round_patch(patch_size, token)
     if math.prod(o // t for o, t in zip(out, token)) < min_tokens:
         out[-1] += token[-1]
     return out

@@ -1,13 +1,18 @@
 """``nnunet_mim`` command line: the few commands nnU-Net itself does not have.
 
     nnunet_mim ext-path                       print the value for `export nnUNet_extTrainer=...`
+    nnunet_mim register-trainers              make the trainers visible to nnunetv2 2.6 / 2.7 (2.8: ext-path)
+    nnunet_mim unregister-trainers            remove that registration again
     nnunet_mim add-config small ...           add a small configuration inheriting 3d_fullres
     nnunet_mim add-config swin ...            add a SwinUNETR configuration inheriting 3d_fullres
     nnunet_mim add-config sac-vit ...         add a SAC-ViT configuration inheriting 3d_fullres
+    nnunet_mim add-config primus ...          add a Primus configuration inheriting 3d_fullres
     nnunet_mim add-config unet ...            nnU-Net's default U-Net re-planned for another patch size
     nnunet_mim import-unlabeled ...           unlabeled images -> pretraining dataset with a target's plans
+    nnunet_mim transfer-plans ...             a target's plans -> an existing pretraining dataset, re-preprocessed
     nnunet_mim check-weights ...              pre-flight check of a checkpoint against a target's network
     nnunet_mim convert-swin ...               third-party SwinUNETR weights -> a -pretrained_weights file
+    nnunet_mim import-weights ...             any pretrained checkpoint -> a configuration + -pretrained_weights file
     nnunet_mim settings                       the environment variables nnunet_mim reads, and their values
     nnunet_mim build-data ...                 offline real-scan nnU-Net datasets (documentation/data.md)
     nnunet_mim evaluate ...                   Dice, HD95, ASSD of a prediction folder
@@ -24,6 +29,26 @@ def _ext_path(args) -> None:
     from nnunet_mim import ext_trainer_path
 
     print(ext_trainer_path())
+
+
+def _register_trainers(args) -> None:
+    from nnunet_mim.nnunet.registration import register
+
+    try:
+        print(register(force=args.force).message)
+    except PermissionError as e:
+        raise SystemExit(f"nnunet_mim register-trainers: cannot write into nnU-Net's trainer folder ({e}); run it "
+                         f"with the rights to change this Python environment.") from None
+
+
+def _unregister_trainers(args) -> None:
+    from nnunet_mim.nnunet.registration import unregister
+
+    try:
+        print(unregister().message)
+    except PermissionError as e:
+        raise SystemExit(f"nnunet_mim unregister-trainers: cannot remove the file ({e}); run it with the rights to "
+                         f"change this Python environment.") from None
 
 
 def _add_config(args) -> None:
@@ -47,17 +72,34 @@ def _add_sac_vit_config(args) -> None:
     print("Added", text)
 
 
+def _add_primus_config(args) -> None:
+    from nnunet_mim.nnunet.primus_plans import add_primus_configuration
+
+    overrides = {k: v for k, v in (("embed_dim", args.embed_dim), ("eva_depth", args.depth),
+                                   ("eva_numheads", args.num_heads)) if v is not None}
+    try:
+        _, text = add_primus_configuration(args.dataset, args.name, args.parent, args.plans, args.size, args.patch,
+                                           args.batch_size, args.patch_embed_size, overwrite=args.overwrite,
+                                           **overrides)
+    except ValueError as e:
+        raise SystemExit(f"nnunet_mim add-config primus: {e}")
+    print("Added", text)
+
+
 def _add_swin_config(args) -> None:
+    from nnunet_mim.architectures.swin_unetr import SWIN_DIVISOR, SWIN_FEATURE_SIZE, SWIN_WINDOW_SIZE
     from nnunet_mim.nnunet.plans import add_swin_configuration
 
+    args.feature_size = args.feature_size or SWIN_FEATURE_SIZE
     try:
         config = add_swin_configuration(args.dataset, args.name, args.parent, args.plans, args.feature_size,
-                                        args.patch, args.batch_size, args.downsample, args.window_size,
-                                        args.use_checkpoint, args.use_v2, overwrite=args.overwrite)
+                                        args.patch, args.batch_size, args.downsample,
+                                        args.window_size or SWIN_WINDOW_SIZE, args.use_checkpoint, args.use_v2,
+                                        overwrite=args.overwrite)
     except ValueError as e:
         raise SystemExit(f"nnunet_mim add-config swin: {e}")
     if args.patch is not None and list(args.patch) != config["patch_size"]:
-        print(f"Patch {args.patch} rounded to {config['patch_size']} (SwinUNETR needs multiples of 32)")
+        print(f"Patch {args.patch} rounded to {config['patch_size']} (SwinUNETR needs multiples of {SWIN_DIVISOR})")
     print(f"Added {args.name}: SwinUNETR feature_size {args.feature_size}, downsample {args.downsample}, patch "
           f"{config['patch_size']}, batch {config['batch_size']}, data of {args.parent}. Train with "
           f"`nnUNetv2_train {args.dataset} {args.name} FOLD -tr nnUNetTrainerSwinUNETR`, pretrain with "
@@ -77,10 +119,14 @@ def _import_unlabeled(args) -> None:
 
     num_processes = args.num_processes or settings.read("nnUNet_def_n_proc") or 8  # before nnU-Net reads it
 
+    from nnunet_mim.nnunet.contamination import ContaminationError
     from nnunet_mim.nnunet.unlabeled import import_unlabeled
 
-    import_unlabeled(args.input, args.target, args.dataset_id, args.name, args.configurations, args.plans,
-                     num_processes, args.overwrite)
+    try:
+        import_unlabeled(args.input, args.target, args.dataset_id, args.name, args.configurations, args.plans,
+                         num_processes, args.overwrite, strict=args.strict)
+    except ContaminationError as e:
+        raise SystemExit(f"nnunet_mim import-unlabeled: {e}") from None
 
 
 def _check_weights(args) -> None:
@@ -145,6 +191,8 @@ LAZY_COMMANDS = {
     "study": "nnunet_mim.apps.study",
     "probe": "nnunet_mim.apps.probe",
     "benchmark": "nnunet_mim.apps.benchmark",
+    "transfer-plans": "nnunet_mim.apps.transfer_plans",
+    "import-weights": "nnunet_mim.apps.import_weights",
 }
 
 
@@ -156,6 +204,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("ext-path", help="print the folder for `export nnUNet_extTrainer=...`")
     p.set_defaults(func=_ext_path)
+
+    p = sub.add_parser("register-trainers", help="nnunetv2 2.6 / 2.7: write one module into nnU-Net's trainer folder "
+                                                 "that re-exports our trainers (2.8 uses nnUNet_extTrainer)")
+    p.add_argument("--force", action="store_true", help="register on nnunetv2 2.8+ as well (harmless, not needed)")
+    p.set_defaults(func=_register_trainers)
+    p = sub.add_parser("unregister-trainers", help="remove the module that register-trainers wrote")
+    p.set_defaults(func=_unregister_trainers)
 
     p = sub.add_parser("add-config", help="add a derived configuration to a dataset's plans")
     kinds = p.add_subparsers(dest="kind", required=True)
@@ -175,12 +230,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("-n", "--name", default="3d_swin", help="new configuration name (default 3d_swin)")
     s.add_argument("--parent", default="3d_fullres")
     s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
-    s.add_argument("--feature-size", type=int, default=48, help="Swin embedding width, multiple of 12 (default 48)")
+    s.add_argument("--feature-size", type=int, default=None,
+                   help="Swin embedding width, multiple of 12 (default 48, Swin-UNETR's)")
     s.add_argument("--patch", type=int, nargs=3, default=None, help="patch size (default: the parent's), rounded")
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--downsample", choices=("mergingv2", "merging_legacy", "merging"), default="mergingv2",
                    help="patch merging; merging_legacy for NVIDIA/HybridMIM Swin weights (MONAI<=1.4 layer)")
-    s.add_argument("--window-size", type=int, default=7)
+    s.add_argument("--window-size", type=int, default=None, help="attention window (default 7, Swin-UNETR's)")
     s.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing in the Swin stages")
     s.add_argument("--use-v2", action="store_true", help="SwinUNETR-v2 (residual conv block before each stage)")
     s.set_defaults(func=_add_swin_config)
@@ -199,6 +255,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--decoder-channels", type=int, nargs=6, default=None, help="6 U-Net decoder widths, levels 0..5")
     s.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the ViT blocks")
     s.set_defaults(func=_add_sac_vit_config)
+    s = kinds.add_parser("primus", help="Primus (dynamic-network-architectures) on the parent's preprocessed data; "
+                                        "patch rounded to the patch embedding size")
+    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    s.add_argument("-n", "--name", default="3d_primus", help="new configuration name (default 3d_primus)")
+    s.add_argument("--parent", default="3d_fullres")
+    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    s.add_argument("--size", choices=("S", "B", "M", "L"), default="B", help="the paper's preset (default B)")
+    s.add_argument("--patch", type=int, nargs=3, default=None, help="patch size (default: the parent's), rounded")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--patch-embed-size", type=int, nargs=3, default=[8, 8, 8],
+                   help="voxels per token and axis, powers of two (default 8 8 8)")
+    s.add_argument("--embed-dim", type=int, default=None, help="override the preset (small CPU runs)")
+    s.add_argument("--depth", type=int, default=None, help="override the preset")
+    s.add_argument("--num-heads", type=int, default=None, help="override the preset")
+    s.set_defaults(func=_add_primus_config)
     s = kinds.add_parser("unet", help="nnU-Net's default U-Net re-planned for another patch size (same-patch "
                                       "comparisons, e.g. the sac_vit benchmark)")
     s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
@@ -223,6 +294,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-np", "--num-processes", type=int, default=None,
                    help="preprocessing processes (default: $nnUNet_def_n_proc, else 8, as nnU-Net's commands)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse images that are also cases of the target (imagesTr, imagesTs); default: a warning")
     p.set_defaults(func=_import_unlabeled)
 
     p = sub.add_parser("check-weights", help="pre-flight check of a pretrained checkpoint against a target")

@@ -125,7 +125,9 @@ def _uneven_worker(rank, world, port, z1, z2, probs, queue):
     local_p = probs[rows].clone().requires_grad_(True)
     mean = global_mean_distribution(local_p)
     (mean * torch.arange(mean.numel())).sum().backward()
-    queue.put((rank, global_batch_size(local1.shape[0]), loss.item(), local1.grad, mean.detach(), local_p.grad))
+    # numpy copies travel by value (a tensor would be shared memory that dies with this process)
+    queue.put((rank, global_batch_size(local1.shape[0]), loss.item(), local1.grad.numpy().copy(),
+               mean.detach().numpy().copy(), local_p.grad.numpy().copy()))
     dist.destroy_process_group()
 
 
@@ -144,7 +146,8 @@ def test_uneven_ddp_batches_equal_the_global_batch():
     procs = [ctx.Process(target=_uneven_worker, args=(r, 2, port, z1, z2, probs, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = {r[0]: r[1:] for r in (queue.get(timeout=120) for _ in procs)}
+    results = {r[0]: tuple(torch.as_tensor(v) if hasattr(v, 'shape') else v for v in r[1:])
+               for r in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(60)
     from nnunet_mim.core.losses.tokens import global_mean_distribution

@@ -10,6 +10,7 @@ Tokenizer Details"): SAC convolutional encoder / decoder with soft tokens, and t
   (each + 3x3x3 SAC conv + GroupNorm + LeakyReLU) and a k=s=4 SAC transposed conv back to the input channels.
 * :class:`SACPatchDiscriminator` -- 3 x (3x3x3 SAC conv stride 2 + GroupNorm + LeakyReLU), a 3x3x3 conv block and a
   3x3x3 conv to one logit per patch (official ``SimplePatchDiscriminator``).
+* :class:`VisualTokenizerNet` -- the stage-1 pretraining network: tokenizer + discriminator in one forward.
 
 Everything is plain tensors + an ``int`` DA (see ``nnunet_mim/core/sac.py``). Intensities: nnU-Net's normalised image is
 reconstructed as is (the official tokenizer sees ``2x - 1`` of [0, 1]-scaled RGB; documentation/pumit.md).
@@ -23,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from nnunet_mim.architectures.sac_vit import TOKEN_SIZE, _SACSequential
 from nnunet_mim.core.sac import SACConv3d, SACConvTranspose3d, sac_token_size
@@ -240,3 +242,34 @@ class SACPatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, da: int = 0) -> torch.Tensor:
         return self.main(x, da)
+
+
+class VisualTokenizerNet(nn.Module):
+    """Stage-1 network: ``tokenizer`` (encoder, soft quantizer, decoder) + ``mim_discriminator`` + the gate's EMA.
+
+    One forward returns everything both players need, so a single backward trains both (DDP-friendly: every
+    parameter gets a gradient from one forward): the discriminator scores ``x`` and ``x_rec.detach()`` for its
+    hinge loss, and scores ``x_rec`` a second time with *detached* parameters (``functional_call``) for the
+    generator's adversarial term, so that term reaches the tokenizer only. This equals the official alternating
+    G-step / D-step on the same ``x_rec``.
+    """
+
+    def __init__(self, tokenizer: VisualTokenizer, discriminator: SACPatchDiscriminator):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.mim_discriminator = discriminator
+        self.register_buffer("mim_gan_ema", torch.tensor(float("nan")))  # disc-loss EMA, saved with the weights
+
+    @property
+    def da(self) -> int:
+        return self.tokenizer.da
+
+    def forward(self, x: torch.Tensor):
+        out = self.tokenizer(x)
+        rec = out.reconstruction
+        d = self.mim_discriminator
+        logits_real = d(x, self.da)
+        logits_fake = d(rec.detach(), self.da)
+        frozen = {n: p.detach() for n, p in d.named_parameters()}
+        logits_fake_for_g = functional_call(d, frozen, (rec, self.da))
+        return out, logits_real, logits_fake, logits_fake_for_g

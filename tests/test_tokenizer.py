@@ -18,6 +18,7 @@ from nnunet_mim.architectures.tokenizer import (
     SoftQuantizer,
     TokenizerConfig,
     VisualTokenizer,
+    VisualTokenizerNet,
 )
 from nnunet_mim.core.losses.gan import (
     IMAGENET_MEAN,
@@ -31,7 +32,6 @@ from nnunet_mim.core.losses.gan import (
 from nnunet_mim.core.losses.tokens import entropy, kl_to_uniform, prior_regularization
 from nnunet_mim.trainers.token_mim import (
     TOKENIZER_ENV,
-    VisualTokenizerNet,
     check_token_grids,
     find_tokenizer_checkpoint,
     load_tokenizer,

@@ -23,12 +23,16 @@ from nnunetv2.paths import nnUNet_results
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from timm.layers import trunc_normal_
 from torch import nn
-from torch.func import functional_call
 from torch.nn import functional as F
 from torch.profiler import record_function
 
 from nnunet_mim.architectures.sac_vit import SACViTPretrainNet, SACViTSeg
-from nnunet_mim.architectures.tokenizer import SACPatchDiscriminator, TokenizerConfig, VisualTokenizer
+from nnunet_mim.architectures.tokenizer import (
+    SACPatchDiscriminator,
+    TokenizerConfig,
+    VisualTokenizer,
+    VisualTokenizerNet,
+)
 from nnunet_mim.nnunet import settings
 from nnunet_mim.core.losses.gan import (
     build_perceptual_loss,
@@ -70,37 +74,6 @@ def tokens_to_voxels(values: torch.Tensor, grid, token_size) -> np.ndarray:
 # ================================================================================================================
 # stage 1: visual tokenizer
 # ================================================================================================================
-class VisualTokenizerNet(nn.Module):
-    """Stage-1 network: ``tokenizer`` (encoder, soft quantizer, decoder) + ``mim_discriminator`` + the gate's EMA.
-
-    One forward returns everything both players need, so a single backward trains both (DDP-friendly: every
-    parameter gets a gradient from one forward): the discriminator scores ``x`` and ``x_rec.detach()`` for its
-    hinge loss, and scores ``x_rec`` a second time with *detached* parameters (``functional_call``) for the
-    generator's adversarial term, so that term reaches the tokenizer only. This equals the official alternating
-    G-step / D-step on the same ``x_rec``.
-    """
-
-    def __init__(self, tokenizer: VisualTokenizer, discriminator: SACPatchDiscriminator):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.mim_discriminator = discriminator
-        self.register_buffer("mim_gan_ema", torch.tensor(float("nan")))  # disc-loss EMA, saved with the weights
-
-    @property
-    def da(self) -> int:
-        return self.tokenizer.da
-
-    def forward(self, x: torch.Tensor):
-        out = self.tokenizer(x)
-        rec = out.reconstruction
-        d = self.mim_discriminator
-        logits_real = d(x, self.da)
-        logits_fake = d(rec.detach(), self.da)
-        frozen = {n: p.detach() for n, p in d.named_parameters()}
-        logits_fake_for_g = functional_call(d, frozen, (rec, self.da))
-        return out, logits_real, logits_fake, logits_fake_for_g
-
-
 def tokenizer_config_from_state(state: dict[str, torch.Tensor], prefix: str = "tokenizer.") -> TokenizerConfig:
     """Rebuild a :class:`TokenizerConfig` from the shapes of a (stage-1) state dict."""
     w0 = state[f"{prefix}encoder.down.0.weight"]

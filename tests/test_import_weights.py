@@ -410,3 +410,70 @@ def test_import_nnssl_resenc_then_finetune_and_predict(tiny_workspace, tmp_path)
            "-d", str(TINY_ID), "-c", CONFIG, "-f", "0", "-tr", FINETUNE, "-device", "cpu", "-npp", "1", "-nps", "1",
            "--disable_tta")
     assert len(list(prediction.glob("*.nii.gz"))) == 2
+
+
+@pytest.mark.e2e
+def test_other_formats_through_the_console_scripts_pass_the_preflight_check(tiny_workspace, tmp_path):
+    """nnU-Net checkpoint of another plan (2 channels, pretraining heads, DDP prefix), a plain state dict with
+    torch.compile's prefix (--into an existing configuration) and NVIDIA-style Swin SSL weights: each is imported with
+    the real command, and the converted file passes `nnunet_mim check-weights` against the network nnUNetv2_train
+    builds."""
+    import json
+
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_mim.architectures.swin_unetr import build_monai_swin_unetr
+
+    ws = tiny_workspace
+    plans_file = ws.preprocessed / f"Dataset{TINY_ID}_Tiny" / "nnUNetPlans.json"
+    spacing = json.loads(plans_file.read_text())["configurations"]["3d_fullres"]["spacing"]
+
+    def imported(checkpoint, *args) -> tuple[str, str]:
+        out = ws.run("nnunet_mim", "import-weights", str(checkpoint), "-d", str(TINY_ID), *args).stdout
+        command = re.search(r"^  (nnUNetv2_train .*)$", out, re.M).group(1).split()
+        return out, command[command.index("-pretrained_weights") + 1]
+
+    def preflight(converted, configuration, trainer) -> str:
+        out = ws.run("nnunet_mim", "check-weights", converted, "-d", str(TINY_ID), "-c", configuration, "-tr",
+                     trainer).stdout
+        assert "OK: the checkpoint fits." in out and " 0 missing, 0 with another shape" in out, out
+        return out
+
+    # 1. an nnU-Net (pretraining) checkpoint of another dataset's plans: 2 input channels -> the target's 1
+    kwargs = {**DNA_KWARGS, "n_stages": 4, "features_per_stage": [4, 8, 16, 16], "kernel_sizes": [[3, 3, 3]] * 4,
+              "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3, "n_blocks_per_stage": [1] * 4,
+              "n_conv_per_stage_decoder": [1] * 3}
+    net = resenc(kwargs, in_channels=2, seed=6)
+    plans = {"configurations": {"3d_fullres": {
+        "spacing": spacing, "patch_size": [16, 32, 32], "normalization_schemes": ["ZScoreNormalization"] * 2,
+        "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+                         "arch_kwargs": kwargs, "_kw_requires_import": ["conv_op", "norm_op", "nonlin"]}}}}
+    torch.save({"network_weights": {f"module.{k}": v for k, v in {**net.state_dict(),
+                                                                   "mim_heads.rec.weight": torch.zeros(2)}.items()},
+                "trainer_name": "HybridMIMPretrainer",
+                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": "all",
+                              "dataset_json": {"channel_names": {"0": "T1", "1": "T2"}}}}, tmp_path / "nnunet.pth")
+    out, converted = imported(tmp_path / "nnunet.pth", "-c", "3d_from_nnunet")
+    assert re.search(r"adapted: [1-9]\d* tensors", out) and "input channels" in out, out
+    assert "pretraining-only (dropped, as intended)" in out, out
+    preflight(converted, "3d_from_nnunet", FINETUNE)
+
+    # 2. a plain state dict (torch.compile prefix) into the existing tiny configuration
+    cm = PlansManager(str(plans_file)).get_configuration("3d_tiny")
+    tiny = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                  cm.network_arch_init_kwargs_req_import, 1, 4, deep_supervision=True)
+    torch.save({"state_dict": {f"_orig_mod.{k}": v for k, v in tiny.state_dict().items()}}, tmp_path / "plain.pt")
+    _, converted = imported(tmp_path / "plain.pt", "--into", "3d_tiny")
+    preflight(converted, "3d_tiny", FINETUNE)
+    kept = load_checkpoint(converted)["network_weights"]
+    assert all(torch.equal(kept[k], v) for k, v in tiny.state_dict().items() if ".seg_layers." not in k)
+
+    # 3. Swin SSL weights (encoder only, NVIDIA layout) -> a new Swin configuration
+    monai = build_monai_swin_unetr(1, 14, "merging_legacy", feature_size=12, window_size=4)
+    vit = {f"module.{k[len('swinViT.'):]}".replace(".mlp.linear", ".mlp.fc"): v
+           for k, v in monai.state_dict().items() if k.startswith("swinViT.")}
+    torch.save({"state_dict": vit, "epoch": 100}, tmp_path / "model_swinvit.pt")
+    out, converted = imported(tmp_path / "model_swinvit.pt", "-c", "3d_swin_ssl", "--patch", "32", "32", "64")
+    assert "nnUNetTrainerSwinUNETR" in out
+    preflight(converted, "3d_swin_ssl", "nnUNetTrainerSwinUNETR")

@@ -98,8 +98,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
             aliases=("NNUNET_MIM_MRICRON_DIR",)),
     Setting("nnUNet_mim_data_cache", "user cache of the offline data sources", "~/.cache/nnunet_mim",
             "nnunet_mim build-data, scripts/install_data_sources.sh", aliases=("NNUNET_MIM_DATA_CACHE",)),
-    Setting("nnUNet_def_n_proc", "nnU-Net's default number of processes; also ours for import-unlabeled -np",
-            "nnU-Net's (8); import-unlabeled: 8 as well", "nnU-Net, nnunet_mim import-unlabeled", _positive_int),
+    Setting("nnUNet_def_n_proc", "nnU-Net's default number of processes; also ours for import-unlabeled and "
+            "transfer-plans -np", "nnU-Net's (8); ours: 8 as well",
+            "nnU-Net, nnunet_mim import-unlabeled, transfer-plans", _positive_int),
 )}
 
 

@@ -25,6 +25,16 @@ import argparse
 import sys
 
 
+def _config_kind(kinds, kind: str, default_name: str, help: str) -> argparse.ArgumentParser:
+    """An ``add-config`` kind with the arguments every kind shares (dataset, new name, parent, plans)."""
+    s = kinds.add_parser(kind, help=help)
+    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
+    s.add_argument("-n", "--name", default=default_name, help=f"new configuration name (default {default_name})")
+    s.add_argument("--parent", default="3d_fullres")
+    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    return s
+
+
 def _ext_path(args) -> None:
     from nnunet_mim import ext_trainer_path
 
@@ -214,22 +224,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("add-config", help="add a derived configuration to a dataset's plans")
     kinds = p.add_subparsers(dest="kind", required=True)
-    s = kinds.add_parser("small", help="smaller network and patch (CPU demos, tests), same preprocessed data")
-    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
-    s.add_argument("-n", "--name", default="3d_small", help="new configuration name (default 3d_small)")
-    s.add_argument("--parent", default="3d_fullres")
-    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    s = _config_kind(kinds, "small", "3d_small",
+                     "smaller network and patch (CPU demos, tests), same preprocessed data")
     s.add_argument("--stages", type=int, default=4)
     s.add_argument("--features", type=int, nargs=2, default=(16, 128), metavar=("FIRST", "MAX"))
     s.add_argument("--patch", type=int, nargs=3, default=None)
     s.add_argument("--batch-size", type=int, default=None)
     s.set_defaults(func=_add_config)
-    s = kinds.add_parser("swin", help="MONAI SwinUNETR on the parent's preprocessed data; patch rounded to "
-                                      "multiples of 32")
-    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
-    s.add_argument("-n", "--name", default="3d_swin", help="new configuration name (default 3d_swin)")
-    s.add_argument("--parent", default="3d_fullres")
-    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    s = _config_kind(kinds, "swin", "3d_swin",
+                     "MONAI SwinUNETR on the parent's preprocessed data; patch rounded to multiples of 32")
     s.add_argument("--feature-size", type=int, default=None,
                    help="Swin embedding width, multiple of 12 (default 48, Swin-UNETR's)")
     s.add_argument("--patch", type=int, nargs=3, default=None, help="patch size (default: the parent's), rounded")
@@ -240,12 +243,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing in the Swin stages")
     s.add_argument("--use-v2", action="store_true", help="SwinUNETR-v2 (residual conv block before each stage)")
     s.set_defaults(func=_add_swin_config)
-    s = kinds.add_parser("sac-vit", help="SAC-ViT (PUMIT) network on the parent's preprocessed data; patch rounded to "
-                                         "the token size, DA from the plan spacing")
-    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
-    s.add_argument("-n", "--name", default="3d_sac_vit", help="new configuration name (default 3d_sac_vit)")
-    s.add_argument("--parent", default="3d_fullres")
-    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    s = _config_kind(kinds, "sac-vit", "3d_sac_vit",
+                     "SAC-ViT (PUMIT) network on the parent's preprocessed data; patch rounded to the token size, DA "
+                     "from the plan spacing")
     s.add_argument("--size", choices=("S", "B", "L"), default="B", help="preset (default B)")
     s.add_argument("--patch", type=int, nargs=3, default=None, help="patch size (default: the parent's), rounded")
     s.add_argument("--batch-size", type=int, default=None)
@@ -255,12 +255,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--decoder-channels", type=int, nargs=6, default=None, help="6 U-Net decoder widths, levels 0..5")
     s.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in the ViT blocks")
     s.set_defaults(func=_add_sac_vit_config)
-    s = kinds.add_parser("primus", help="Primus (dynamic-network-architectures) on the parent's preprocessed data; "
-                                        "patch rounded to the patch embedding size")
-    s.add_argument("-d", "--dataset", required=True, help="dataset id or name")
-    s.add_argument("-n", "--name", default="3d_primus", help="new configuration name (default 3d_primus)")
-    s.add_argument("--parent", default="3d_fullres")
-    s.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier")
+    s = _config_kind(kinds, "primus", "3d_primus",
+                     "Primus (dynamic-network-architectures) on the parent's preprocessed data; patch rounded to the "
+                     "patch embedding size")
     s.add_argument("--size", choices=("S", "B", "M", "L"), default="B", help="the paper's preset (default B)")
     s.add_argument("--patch", type=int, nargs=3, default=None, help="patch size (default: the parent's), rounded")
     s.add_argument("--batch-size", type=int, default=None)

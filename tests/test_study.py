@@ -46,7 +46,9 @@ def study(tiny_workspace, tmp_path_factory):
            **TRAIN_BUDGET)
     checkpoint = fold_folder(ws, "HybridMIMPretrainer", TINY_CONFIG) / "checkpoint_final.pth"
     out = tmp_path_factory.mktemp("study")
+    # two arms with one checkpoint and one trainer: nnU-Net would give them one results folder
     cmd = ["nnunet_mim", "study", "-d", str(TINY_ID), "-c", TINY_CONFIG, "--weights", f"mim={checkpoint}",
+           f"twin={checkpoint}",
            "--fractions", "0.5", "--seeds", "0", "1", "--epochs", "2", "--iters", "2", "--val-iters", "1",
            "--processes", "1", "-o", str(out / "report")]
     first = ws.run(*cmd)
@@ -56,10 +58,12 @@ def study(tiny_workspace, tmp_path_factory):
 def test_every_arm_of_a_cell_shares_fold_seed_and_budget(study):
     _, _, out, first = study
     records = [json.loads(p.read_text()) for p in sorted((out / "report" / "runs").glob("*.json"))]
-    assert len(records) == 4 and "run 4 of 4" in first.stdout and "left" in first.stdout
+    assert len(records) == 6 and "run 6 of 6" in first.stdout and "left" in first.stdout
+    # every arm trains its own models, also an arm that shares trainer and checkpoint with another
+    assert first.stdout.count("-pretrained_weights") == 4 and first.stdout.count("$ nnUNetv2_predict") == 6
     for seed in (0, 1):
         pair = [r for r in records if r["seed"] == seed]
-        assert {r["arm"] for r in pair} == {"scratch", "mim"}
+        assert {r["arm"] for r in pair} == {"scratch", "mim", "twin"}
         assert len({r["fold"] for r in pair}) == 1 and len({json.dumps(r["train_cases"]) for r in pair}) == 1
         assert all(f"nnUNet_mim_seed={seed}" in r["commands"][0] for r in pair)
     assert {r["fold"] for r in records if r["seed"] == 0} != {r["fold"] for r in records if r["seed"] == 1}
@@ -85,12 +89,12 @@ def test_rerun_resumes_finished_and_interrupted_runs(study):
     ws, cmd, out, _ = study
     runs = out / "report" / "runs"
     again = ws.run(*cmd)
-    assert "4 already done" in again.stdout and "nnUNetv2_train" not in again.stdout
+    assert "6 already done" in again.stdout and "nnUNetv2_train" not in again.stdout
     # an interrupted run: no record, and only checkpoint_latest.pth -> the study continues it with --c
     record = next(runs.glob("scratch__*s1.json"))
     fold = json.loads(record.read_text())["fold"]
     record.unlink()
-    folder = out / "report" / "work" / "nnUNet_results" / f"Dataset{TINY_ID}_Tiny" / \
+    folder = out / "report" / "work" / "study_results" / "scratch" / f"Dataset{TINY_ID}_Tiny" / \
         f"nnUNetTrainerMIMScratchAdamW__nnUNetPlans__{TINY_CONFIG}" / f"fold_{fold}"
     (folder / "checkpoint_final.pth").rename(folder / "checkpoint_latest.pth")
     resumed = ws.run(*cmd)
@@ -115,3 +119,13 @@ def test_records_made_with_other_weights_are_set_aside(tmp_path):
     assert sorted(p.name for p in study.runs_dir.glob("*.json")) == ["pretrained__f020__s1.json",
                                                                      "scratch__f020__s0.json"]
     assert (study.runs_dir / "stale" / "pretrained__f020__s0.json").exists() and "other weights" in said[0]
+
+
+def test_a_pretraining_keeps_its_budget_under_its_arm_name(tmp_path):
+    from nnunet_mim.apps.study import check_pretraining_budget
+
+    settings = {"arm": "indomain", "trainer": "HybridMIMPretrainer", "pool": "Dataset512_X", "epochs": 24, "iters": 25}
+    check_pretraining_budget(tmp_path, settings)
+    check_pretraining_budget(tmp_path, dict(settings))  # the same pretraining again: resumes / reuses
+    with pytest.raises(SystemExit, match="its own --pretrain-name"):
+        check_pretraining_budget(tmp_path, {**settings, "epochs": 100})

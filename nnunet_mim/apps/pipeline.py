@@ -122,8 +122,10 @@ class Pipeline:
                "nnUNet_mim_val_iters": str(val_iters), "nnUNet_n_proc_DA": str(self.processes)}
         return env if seed is None else {**env, "nnUNet_mim_seed": str(seed)}
 
-    def results_folder(self, dataset: str, trainer: str, configuration: str, plans: str = "nnUNetPlans") -> Path:
-        return self.results / dataset / f"{trainer}__{plans}__{configuration}"
+    def results_folder(self, dataset: str, trainer: str, configuration: str, plans: str = "nnUNetPlans",
+                       results: str | Path | None = None) -> Path:
+        """nnU-Net's output folder of a training (under ``results``, an ``nnUNet_results``; default this workspace's)."""
+        return Path(results or self.results) / dataset / f"{trainer}__{plans}__{configuration}"
 
     def train(self, dataset: str | int, configuration: str, fold: str | int, trainer: str, results: Path,
               weights: str | Path | None = None, **env) -> Path:
@@ -139,13 +141,13 @@ class Pipeline:
         return final
 
     def predict(self, dataset: str | int, name: str, configuration: str, fold: str | int, trainer: str,
-                out: Path) -> Path:
+                out: Path, **env) -> Path:
         """``nnUNetv2_predict`` of the dataset's ``imagesTs`` into ``out``, skipped when a previous call finished it."""
         done = out / ".prediction_complete"
         if not done.exists():
             self.run("nnUNetv2_predict", "-i", str(self.raw / name / "imagesTs"), "-o", str(out), "-d", str(dataset),
                      "-c", configuration, "-f", str(fold), "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1",
-                     "--disable_progress_bar")
+                     "--disable_progress_bar", **env)
             done.touch()
         return out
 

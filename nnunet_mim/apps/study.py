@@ -18,7 +18,9 @@ Design (documentation/results.md shows it on the embedded data):
   an identical split already there is reused, so reruns and other studies find the same fold.
 - **Outputs.** Every finished run is a JSON record in ``<output>/runs/`` (test metrics per case and class, the
   validation Dice, the per-epoch validation curve, wall time, the exact commands); nnU-Net's results and the
-  predictions go to ``--workdir`` (default ``<output>/work``). Rerunning the same command skips finished runs and
+  predictions go to ``--workdir`` (default ``<output>/work``), one ``nnUNet_results`` per arm
+  (``study_results/<arm>``) and per pretraining (``study_results/<arm>.pretraining``, which keeps its budget and
+  refuses another one under the same arm name). Rerunning the same command skips finished runs and
   continues an interrupted training with ``--c``, so a study can grow over several sittings. The report
   (``<output>/study_report.md``, with plots) is rewritten after every run.
 - **Statistics.** Per fraction and arm: the paired effect over scratch (mean over seeds of the mean over test cases of
@@ -142,6 +144,32 @@ def mean_dice_per_case(evaluation: dict, metric: str = "dice") -> dict[str, floa
     return out
 
 
+def arm_results(workdir: Path, arm: str) -> Path:
+    """``nnUNet_results`` of one arm's runs. nnU-Net names a results folder by dataset, trainer, plans and
+    configuration only, so two arms finetuned with the same trainer (two checkpoints, or one pool at two pretraining
+    budgets) would otherwise share a folder, and the second would silently reuse the first one's models."""
+    return Path(workdir) / "study_results" / arm
+
+
+def pretraining_results(workdir: Path, arm: str) -> Path:
+    """``nnUNet_results`` of the ``--pretrain`` run of an arm: one pretraining per arm name."""
+    return Path(workdir) / "study_results" / f"{arm}.pretraining"
+
+
+def check_pretraining_budget(folder: Path, settings: dict) -> None:
+    """Write the pretraining's settings into ``folder`` on the first call; refuse when a later call asks for other
+    settings under the same arm name (its checkpoint would be reused under a budget it was not trained with)."""
+    path = folder / "study_pretraining.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        if before != settings:
+            raise SystemExit(f"nnunet_mim study: the arm {settings['arm']!r} was pretrained with {before}, not "
+                             f"{settings}; give the new pretraining its own --pretrain-name (or delete {folder})")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(settings, indent=1))
+
+
 # ------------------------------------------------------------------------------------------------- study
 class Study:
     def __init__(self, dataset: str | int, configuration: str, arms: list[Arm], fractions: list[float],
@@ -178,15 +206,16 @@ class Study:
 
     def run_cell(self, name: str, arm: Arm, fraction: float, seed: int, fold: int, train: list[str]) -> dict:
         t0 = time.time()
-        results = self.p.results_folder(name, arm.trainer, self.configuration)
+        own = {"nnUNet_results": str(arm_results(self.p.root, arm.name))}
+        results = self.p.results_folder(name, arm.trainer, self.configuration, results=own["nnUNet_results"])
         env = self.p.budget(self.budget.epochs, self.budget.iters, self.budget.val_iters, seed)
-        final = self.p.train(self.dataset, self.configuration, fold, arm.trainer, results, arm.weights, **env)
+        final = self.p.train(self.dataset, self.configuration, fold, arm.trainer, results, arm.weights, **env, **own)
         train_cmd = (f"nnUNet_mim_seed={seed} nnUNet_mim_epochs={self.budget.epochs} nnUNet_mim_iters="
                      f"{self.budget.iters} nnUNet_mim_val_iters={self.budget.val_iters} nnUNetv2_train {self.dataset} "
                      f"{self.configuration} {fold} -tr {arm.trainer}"
                      + (f" -pretrained_weights {arm.weights}" if arm.weights else ""))
         predictions = self.p.predict(self.dataset, name, self.configuration, fold, arm.trainer,
-                                     self.p.root / "predictions" / f"{arm.trainer}_fold{fold}")
+                                     self.p.root / "predictions" / arm.name / f"{arm.trainer}_fold{fold}", **own)
         from nnunet_mim.apps.evaluation import evaluate_folders
         from nnunet_mim.nnunet.weights import load_checkpoint
 
@@ -538,8 +567,14 @@ def _run(args) -> None:
                 raise SystemExit("nnunet_mim study --pretrain needs --pool (the unlabeled dataset to pretrain on)")
             pool_name = dataset_name(pipeline.preprocessed, pool)
             check_pool(pipeline, dataset, pool_name, args.strict)
+            folder = pretraining_results(workdir, args.pretrain_name)
+            check_pretraining_budget(folder, {
+                "arm": args.pretrain_name, "trainer": args.pretrain, "pool": pool_name, "configuration": configuration,
+                "epochs": args.pretrain_epochs, "iters": args.pretrain_iters, "seed": args.pretrain_seed})
             checkpoint = pipeline.train(pool, configuration, "all", args.pretrain,
-                                        pipeline.results_folder(pool_name, args.pretrain, configuration),
+                                        pipeline.results_folder(pool_name, args.pretrain, configuration,
+                                                                results=folder),
+                                        nnUNet_results=str(folder),
                                         **pipeline.budget(args.pretrain_epochs, args.pretrain_iters, args.val_iters,
                                                           args.pretrain_seed))
             arms.append(Arm(args.pretrain_name, args.finetune_trainer, str(checkpoint)))

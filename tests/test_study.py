@@ -129,3 +129,15 @@ def test_a_pretraining_keeps_its_budget_under_its_arm_name(tmp_path):
     check_pretraining_budget(tmp_path, dict(settings))  # the same pretraining again: resumes / reuses
     with pytest.raises(SystemExit, match="its own --pretrain-name"):
         check_pretraining_budget(tmp_path, {**settings, "epochs": 100})
+
+
+def test_an_output_folder_holds_one_dataset_and_configuration(tmp_path):
+    from nnunet_mim.apps.study import Budget, Study
+
+    study = Study(1, "3d_sac_vit", [], [0.2], [0], Budget(1, 1, 1), tmp_path / "out", pipeline=None, command="")
+    study.runs_dir.mkdir(parents=True)
+    (study.runs_dir / "scratch__f020__s0.json").write_text(json.dumps({"dataset": "Dataset1_X",
+                                                                       "configuration": "3d_small"}))
+    with pytest.raises(SystemExit, match="its own -o"):  # scratch__f020__s0 would otherwise count as done
+        study.check_records_are_ours("Dataset1_X")
+    Study(1, "3d_small", [], [0.2], [0], Budget(1, 1, 1), tmp_path / "out", None, "").check_records_are_ours("Dataset1_X")

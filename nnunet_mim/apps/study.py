@@ -247,6 +247,7 @@ class Study:
     def main(self) -> Path:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         name = dataset_name(self.p.preprocessed, self.dataset)
+        self.check_records_are_ours(name)
         for arm in self.arms:
             if arm.weights and not Path(arm.weights).is_file():
                 raise FileNotFoundError(f"arm {arm.name}: no checkpoint at {arm.weights}")
@@ -275,6 +276,16 @@ class Study:
         report = self.write_report(name)
         self.p.say(f"study complete: {report}")
         return report
+
+    def check_records_are_ours(self, name: str) -> None:
+        """A record's file name says arm, fraction and seed only: records of another dataset or configuration in the
+        same ``--output`` would count as this study's finished runs. Refuse instead of skipping runs."""
+        for path in sorted(self.runs_dir.glob("*.json")):
+            record = json.loads(path.read_text())
+            if (record.get("dataset"), record.get("configuration")) != (name, self.configuration):
+                raise SystemExit(f"nnunet_mim study: {self.output} holds runs of {record.get('dataset')} / "
+                                 f"{record.get('configuration')} ({path.name}), not {name} / {self.configuration}; "
+                                 "give this study its own -o")
 
     def set_aside_stale_records(self, arm: Arm) -> None:
         """Records of ``arm`` made with other weights than its checkpoint now (e.g. pretraining redone in a new

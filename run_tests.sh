@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine (a virtual environment in .venv) and run the test suite.
-#   bash run_tests.sh             # all tests (about 12 minutes on 2 CPU cores)
+#   bash run_tests.sh             # all tests (the README gives the measured time)
 #   bash run_tests.sh -k masking  # extra arguments go to pytest
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -118,6 +118,29 @@ def test_paper_grid_gives_32_voxel_subvolumes_where_the_plan_allows():
     assert paper_subvolume_cells((96, 96, 96), (32, 32, 32)) == (1, 1, 1)  # SwinUNETR: one token is 32^3 already
 
 
+def test_the_pretrainer_masks_the_papers_geometry_by_default():
+    """Built as nnU-Net builds it (class-level build_network_architecture from a configuration): on a stride-8 plan
+    with a 32 x 64 x 64 patch the default masks 32^3 sub-volumes in 16^3 patches; _cellGrid keeps one bottleneck cell."""
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+
+    from nnunet_mim.trainers.hybridmim import HybridMIMPretrainer, HybridMIMPretrainer_cellGrid
+
+    unet = {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+            "arch_kwargs": {"n_stages": 4, "features_per_stage": [4, 8, 8, 8], "conv_op": "torch.nn.modules.conv.Conv3d",
+                            "kernel_sizes": [[3, 3, 3]] * 4, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3,
+                            "n_conv_per_stage": [1] * 4, "n_conv_per_stage_decoder": [1] * 3, "conv_bias": True,
+                            "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                            "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                            "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU",
+                            "nonlin_kwargs": {"inplace": True}},
+            "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    config = ConfigurationManager({"patch_size": [32, 64, 64], "architecture": unet, "batch_size": 2})
+    paper = HybridMIMPretrainer.build_network_architecture(None, config, 1, 1, False).grid
+    assert (paper.subvolume, paper.mask_patch, paper.grid_shape) == ((32, 32, 32), (16, 16, 16), (1, 2, 2))
+    cells = HybridMIMPretrainer_cellGrid.build_network_architecture(None, config, 1, 1, False).grid
+    assert (cells.subvolume, cells.mask_patch, cells.grid_shape) == ((8, 8, 8), (4, 4, 4), (4, 8, 8))
+
+
 def test_table4_ablations_exist_for_both_backbones_and_keep_the_right_terms():
     import nnunet_mim.trainers.hybridmim as unet
     import nnunet_mim.trainers.swin as swin

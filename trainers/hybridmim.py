@@ -2,8 +2,11 @@
 
     nnUNetv2_train D 3d_fullres all -tr HybridMIMPretrainer
 
-Variants are class attributes, one per subclass: ``_fullRegion`` (decoder on the whole patch, for the
-speed comparison), ``_paperGrid`` (the paper's 32^3 sub-volumes where the plan allows), and the Table 4 ablations
+The masking geometry is the paper's by default: 32^3-voxel sub-volumes split into 16^3 patches on every axis where
+the plan's bottleneck stride and patch allow them (one bottleneck cell per sub-volume elsewhere). Variants are class
+attributes, one per subclass: ``_fullRegion`` (decoder on the whole patch, for the speed comparison), ``_cellGrid``
+(one bottleneck cell per sub-volume on every axis, the geometry before the paper's became the default), and the
+Table 4 ablations
 ``_recOnly``, ``_recCount``, ``_recCountLocation`` and ``_recPerception`` (no contrastive term).
 """
 from __future__ import annotations
@@ -48,9 +51,9 @@ class HybridMIMPretrainer(MIMPretrainerBase):
     region_fraction: float = 2 / 3  # HybridMIM: 64 of 96 voxels per axis
     region_placement: str = "center"  # the official code uses the far corner: "corner"
     encoder_dropout: float = 0.1
-    #: bottleneck cells per sub-volume and axis (``None``: one cell, two on axes the network never downsamples);
-    #: "paper" = the paper's 32^3-voxel sub-volumes on every axis where the plan's stride and patch allow them
-    subvolume_cells: tuple[int, int, int] | str | None = None
+    #: bottleneck cells per sub-volume and axis: "paper" = the paper's 32^3-voxel sub-volumes on every axis where the
+    #: plan's stride and patch allow them; ``None``: one cell, two on axes the network never downsamples
+    subvolume_cells: tuple[int, int, int] | str | None = "paper"
     temperature: float = 0.5
     mask_value: float = 0.0
     loss_weights: dict[str, float] = FULL_WEIGHTS
@@ -151,11 +154,16 @@ class HybridMIMPretrainer_recCountLocation(HybridMIMPretrainer):
     loss_weights = ablation_weights(ABLATIONS["recCountLocation"])
 
 
-class HybridMIMPretrainer_paperGrid(HybridMIMPretrainer):
-    """The paper's masking geometry: 32^3-voxel sub-volumes (16^3 patches) wherever the plan allows, instead of one
-    bottleneck cell per sub-volume (e.g. 8^3 sub-volumes and 4^3 patches on a stride-8 plan)."""
+class HybridMIMPretrainer_cellGrid(HybridMIMPretrainer):
+    """One bottleneck cell per sub-volume on every axis (e.g. 8^3 sub-volumes and 4^3 patches on a stride-8 plan)
+    instead of the paper's 32^3 sub-volumes: the default before the paper's geometry became it."""
 
-    subvolume_cells = "paper"
+    subvolume_cells = None
+
+
+class HybridMIMPretrainer_paperGrid(HybridMIMPretrainer):
+    """The paper's masking geometry, which is now the default: the name is kept so that results folders and commands
+    made with it still resolve."""
 
 
 class HybridMIMPretrainer_recPerception(HybridMIMPretrainer):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 from copy import deepcopy
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json, save_json
@@ -72,6 +72,20 @@ def add_configuration(dataset: str | int, name: str, overrides: dict, parent: st
     return PlansManager(plans).plans["configurations"][name]
 
 
+def add_derived_configuration(dataset: str | int, name: str, parent: str, plans_identifier: str,
+                              make_overrides: Callable[[dict], dict], overwrite: bool = False) -> dict:
+    """Add configuration ``name`` = ``parent`` + ``make_overrides(parent resolved)``; return ``name`` resolved.
+
+    The one sequence behind every ``nnunet_mim add-config`` kind: the parent is resolved through nnU-Net's
+    inheritance, the kind derives its overrides from it, :func:`add_configuration` writes them."""
+    manager = PlansManager(plans_path(dataset, plans_identifier))
+    if parent not in manager.available_configurations:
+        raise KeyError(f"Configuration {parent!r} is not in the plans; available: {manager.available_configurations}")
+    overrides = make_overrides(manager._internal_resolve_configuration_inheritance(parent))
+    add_configuration(dataset, name, overrides, parent, plans_identifier, overwrite)
+    return PlansManager(plans_path(dataset, plans_identifier))._internal_resolve_configuration_inheritance(name)
+
+
 def features_doubling(n_stages: int, first: int, maximum: int) -> list[int]:
     """nnU-Net's feature rule: double per stage from ``first``, capped at ``maximum``."""
     return [min(first * 2 ** i, maximum) for i in range(n_stages)]
@@ -117,10 +131,9 @@ def add_small_configuration(dataset: str | int, name: str = "3d_small", parent: 
                             features: tuple[int, int] = (16, 128), patch_size: Sequence[int] | None = None,
                             batch_size: int | None = None, overwrite: bool = False) -> dict:
     """Add a small CPU-friendly configuration inheriting ``parent`` (same preprocessed data)."""
-    plans = PlansManager(plans_path(dataset, plans_identifier))
-    parent_config = plans._internal_resolve_configuration_inheritance(parent)
-    overrides = small_configuration(parent_config, n_stages, features, patch_size, batch_size)
-    return add_configuration(dataset, name, overrides, parent, plans_identifier, overwrite)
+    return add_derived_configuration(
+        dataset, name, parent, plans_identifier,
+        lambda parent_config: small_configuration(parent_config, n_stages, features, patch_size, batch_size), overwrite)
 
 
 SWIN_NETWORK_CLASS = f"{SwinUNETR.__module__}.{SwinUNETR.__qualname__}"
@@ -166,11 +179,10 @@ def add_swin_configuration(dataset: str | int, name: str = "3d_swin", parent: st
                            downsample: str = "mergingv2", window_size: int = SWIN_WINDOW_SIZE, use_checkpoint: bool = False,
                            use_v2: bool = False, overwrite: bool = False) -> dict:
     """Add a SwinUNETR configuration inheriting ``parent`` (same preprocessed data); see :func:`swin_configuration`."""
-    plans = PlansManager(plans_path(dataset, plans_identifier))
-    parent_config = plans._internal_resolve_configuration_inheritance(parent)
-    overrides = swin_configuration(parent_config, feature_size, patch_size, batch_size, downsample, window_size,
-                                   use_checkpoint, use_v2)
-    return add_configuration(dataset, name, overrides, parent, plans_identifier, overwrite)
+    return add_derived_configuration(
+        dataset, name, parent, plans_identifier,
+        lambda parent_config: swin_configuration(parent_config, feature_size, patch_size, batch_size, downsample,
+                                                 window_size, use_checkpoint, use_v2), overwrite)
 
 
 def unet_configuration_for_patch(parent_config: dict, patch_size: Sequence[int], max_features: int = 320,
@@ -204,12 +216,11 @@ def add_unet_configuration(dataset: str | int, name: str, patch_size: Sequence[i
                            plans_identifier: str = "nnUNetPlans", batch_size: int | None = None,
                            overwrite: bool = False) -> dict:
     """Add the default U-Net re-planned for ``patch_size`` (see :func:`unet_configuration_for_patch`)."""
-    plans = PlansManager(plans_path(dataset, plans_identifier))
-    parent_config = plans._internal_resolve_configuration_inheritance(parent)
-    overrides = unet_configuration_for_patch(parent_config, patch_size)
-    if batch_size:
-        overrides["batch_size"] = int(batch_size)
-    return add_configuration(dataset, name, overrides, parent, plans_identifier, overwrite)
+    def overrides(parent_config: dict) -> dict:
+        out = unet_configuration_for_patch(parent_config, patch_size)
+        return {**out, "batch_size": int(batch_size)} if batch_size else out
+
+    return add_derived_configuration(dataset, name, parent, plans_identifier, overrides, overwrite)
 
 
 def describe(dataset: str | int, configuration: str, plans_identifier: str = "nnUNetPlans") -> str:

@@ -19,7 +19,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 
-from nnunet_mim.nnunet.plans import add_configuration, plans_path, round_patch
+from nnunet_mim.nnunet.plans import add_derived_configuration, round_patch
 
 PRIMUS_NETWORK_CLASS = "dynamic_network_architectures.architectures.primus.Primus"
 #: the paper's token size (voxels per axis)
@@ -129,19 +129,16 @@ def add_primus_configuration(
 ) -> tuple[dict, str]:
     """Add Primus configuration ``name`` inheriting ``parent`` to a dataset's plans (``nnunet_mim add-config
     primus``); see :func:`primus_configuration`. Returns the resolved configuration and a one-paragraph description."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    requested = list(patch_size) if patch_size is not None else []
 
-    manager = PlansManager(plans_path(dataset, plans))
-    if parent not in manager.available_configurations:
-        raise KeyError(f"Configuration {parent!r} is not in the plans; available: {manager.available_configurations}")
-    parent_config = manager._internal_resolve_configuration_inheritance(parent)
-    overrides = primus_configuration(parent_config, config_name_or_kwargs, patch_size, batch_size, patch_embed_size,
-                                     **arch_overrides)
-    add_configuration(dataset, name, overrides, parent, plans, overwrite)
-    resolved = PlansManager(plans_path(dataset, plans))._internal_resolve_configuration_inheritance(name)
+    def overrides(parent_config: dict) -> dict:
+        requested[:] = requested or parent_config["patch_size"]
+        return primus_configuration(parent_config, config_name_or_kwargs, patch_size, batch_size, patch_embed_size,
+                                    **arch_overrides)
+
+    resolved = add_derived_configuration(dataset, name, parent, plans, overrides, overwrite)
     kw = resolved["architecture"]["arch_kwargs"]
     grid = token_grid(resolved["patch_size"], kw["patch_embed_size"])
-    requested = list(patch_size) if patch_size is not None else parent_config["patch_size"]
     label = (f"Primus-{config_name_or_kwargs}" if isinstance(config_name_or_kwargs, str) else "Primus") + \
         (f" with overrides {sorted(arch_overrides)}" if arch_overrides else "")
     text = (f"{name}: {label} (embed {kw['embed_dim']}, depth {kw['eva_depth']}, heads {kw['eva_numheads']}, patch "

@@ -78,21 +78,18 @@ def add_sac_vit_configuration(
 ) -> tuple[dict, str]:
     """Add SAC-ViT configuration ``name`` inheriting ``parent`` to a dataset's plans (``nnunet_mim add-config
     sac-vit``). Returns the resolved configuration and a one-paragraph description."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_mim.nnunet.plans import add_derived_configuration
 
-    from nnunet_mim.nnunet.plans import add_configuration, plans_path
+    requested = list(patch_size) if patch_size is not None else []
 
-    plans = PlansManager(plans_path(dataset, plans_identifier))
-    if parent not in plans.available_configurations:
-        raise KeyError(f"Configuration {parent!r} is not in the plans; available: {plans.available_configurations}")
-    parent_config = plans._internal_resolve_configuration_inheritance(parent)
-    overrides = sac_vit_configuration(parent_config, size, patch_size, batch_size, **arch_overrides)
-    add_configuration(dataset, name, overrides, parent, plans_identifier, overwrite)
-    resolved = PlansManager(plans_path(dataset, plans_identifier))._internal_resolve_configuration_inheritance(name)
+    def overrides(parent_config: dict) -> dict:
+        requested[:] = requested or parent_config["patch_size"]
+        return sac_vit_configuration(parent_config, size, patch_size, batch_size, **arch_overrides)
+
+    resolved = add_derived_configuration(dataset, name, parent, plans_identifier, overrides, overwrite)
     kw = resolved["architecture"]["arch_kwargs"]
     da = degree_of_anisotropy(kw["spacing"])
     grid = [p // t for p, t in zip(resolved["patch_size"], sac_token_size(da, TOKEN_SIZE))]
-    requested = list(patch_size) if patch_size is not None else parent_config["patch_size"]
     label = f"SAC-ViT-{size}" + (f" with overrides {sorted(arch_overrides)}" if arch_overrides else "")
     text = (f"{name}: {label} (embed {kw['embed_dim']}, depth {kw['depth']}, heads {kw['num_heads']}) "
             f"inheriting {parent}; spacing {[round(s, 4) for s in kw['spacing']]} -> DA {da}, token "

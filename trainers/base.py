@@ -26,6 +26,7 @@ from torch.profiler import record_function
 
 from nnunet_mim.core.distributed import any_rank
 from nnunet_mim.nnunet import settings
+from nnunet_mim.nnunet.probe_schedule import check_probe_target, probe_schedule_from_environment, run_probe
 from nnunet_mim.nnunet.progress import ComponentLocalLogger, install_local_logger, local_logger
 from nnunet_mim.nnunet.seeding import derived_seed, seed_everything, seeded_augmenters
 from nnunet_mim.core.schedules import FunctionalLRSchedule, warmup_cosine
@@ -205,6 +206,12 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
     # ---- set-up ---------------------------------------------------------------------------------
     def initialize(self):
         self.apply_budget_from_environment()
+        self.probe_schedule = probe_schedule_from_environment()
+        if self.probe_schedule is not None:
+            check_probe_target(self.probe_schedule, self.configuration_name)
+            s = self.probe_schedule
+            self.print_to_log_file(f"downstream probe every {s.every} epochs and at the end: {s.part} trained on "
+                                   f"dataset {s.dataset} ({s.epochs} x {s.iters} iterations), in progress.png")
         super().initialize()
 
     def _do_i_compile(self):
@@ -339,11 +346,38 @@ class MIMPretrainerBase(BudgetFromEnvironment, PerIterationLR, nnUNetTrainer):
         parts = ", ".join(f"{c} {self.logger.get_value(f'train_{c}', step=-1):.4g}" for c in self.loss_components)
         self.print_to_log_file(f"train components: {parts}")
         self.print_to_log_file("(pretraining: 'pseudo dice' below is exp(-val_loss); best = lowest val loss)")
+        self._log_probe(epoch)
         super().on_epoch_end()
         last = epoch == self.num_epochs - 1
         if self.local_rank == 0 and self._preview_batch is not None and (epoch % self.preview_every == 0 or last):
             never_fail(self.save_preview, "a preview", self.print_to_log_file)(
                 join(self.output_folder, "previews", f"epoch_{epoch:04d}.png"))
+
+
+    probe_schedule = None
+
+    def _log_probe(self, epoch: int) -> None:
+        """The downstream probe on this epoch's weights when one is due (:mod:`nnunet_mim.nnunet.probe_schedule`);
+        NaN otherwise. A failing probe is a warning, never the end of the pretraining."""
+        values = {"probe_dice": math.nan, "probe_random_dice": math.nan}
+        s = self.probe_schedule
+        if s is not None and self.local_rank == 0 and s.due(epoch, self.num_epochs):
+            checkpoint = join(self.output_folder, "checkpoint_probe.pth")
+            try:
+                self.save_checkpoint(checkpoint)
+                result = run_probe(s, checkpoint, self.configuration_name, join(self.output_folder, "probe"), epoch,
+                                   self.seed)
+                values = {"probe_dice": result["pretrained"]["dice"], "probe_random_dice": result["random"]["dice"]}
+                self.print_to_log_file(f"probe after epoch {epoch}: validation Dice {values['probe_dice']:.4f} "
+                                       f"(random body {values['probe_random_dice']:.4f})")
+            except Exception as e:  # noqa: BLE001 - the probe is a measurement; the pretraining goes on
+                self.print_to_log_file(f"WARNING: the probe after epoch {epoch} failed ({type(e).__name__}: "
+                                       f"{str(e)[-2000:]}); pretraining goes on")
+            finally:
+                if os.path.isfile(checkpoint):
+                    os.remove(checkpoint)
+        for key, value in values.items():
+            self.logger.log(key, value, epoch)
 
 
 def require_package_import(module_name: str) -> None:

@@ -41,7 +41,9 @@ def probe_fold(preprocessed: Path, name: str, cases: int, seed: int) -> tuple[in
 
 def run_probe(p: Pipeline, checkpoint: str, dataset: str, configuration: str, part: str = "heads",
               cases: int = DEFAULT_CASES, epochs: int = DEFAULT_EPOCHS, iters: int = DEFAULT_ITERS, seed: int = 0,
-              plans: str = "nnUNetPlans") -> dict:
+              plans: str = "nnUNetPlans", random_results: str | Path | None = None) -> dict:
+    """Both arms; the random one in ``random_results`` (an ``nnUNet_results``; default ``<root>/random``), where a
+    finished random arm of the same seed, cases and budget is reused (the probe during pretraining trains it once)."""
     from nnunet_mim.trainers.probe import probe_trainer_for
 
     name = dataset_name(p.preprocessed, dataset)
@@ -54,7 +56,7 @@ def run_probe(p: Pipeline, checkpoint: str, dataset: str, configuration: str, pa
            "part": part, "fold": fold, "train_cases": train, "seed": seed,
            "budget": {"epochs": epochs, "iters": iters}}
     for arm, weights in (("pretrained", checkpoint), ("random", None)):
-        results = p.root / arm
+        results = Path(random_results) if arm == "random" and random_results else p.root / arm
         folder = results / name / f"{trainer}__{plans}__{configuration}"
         p.folders["nnUNet_results"] = str(results)
         p.train(dataset, configuration, fold, trainer, folder, weights, **env)
@@ -86,7 +88,7 @@ def _run(args) -> None:
                  {"nnUNet_raw": os.environ["nnUNet_raw"], "nnUNet_preprocessed": os.environ["nnUNet_preprocessed"]})
     with p:
         result = run_probe(p, str(Path(args.checkpoint).resolve()), args.dataset, args.configuration, args.part,
-                           args.cases, args.epochs, args.iters, args.seed, args.plans)
+                           args.cases, args.epochs, args.iters, args.seed, args.plans, args.random_results)
         (output / "probe.json").write_text(json.dumps(result, indent=1))
         p.say(f"probe ({result['part']}, {len(result['train_cases'])} training cases, {args.epochs * args.iters} "
               f"iterations): pretrained {result['pretrained']['dice']:.3f}, random {result['random']['dice']:.3f}, "
@@ -109,4 +111,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--iters", type=int, default=DEFAULT_ITERS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--random-results", default=None, metavar="DIR",
+                   help="nnUNet_results of the random arm (default <output>/random); a finished one is reused, so "
+                        "probes of several checkpoints with the same seed, cases and budget train it once")
     p.set_defaults(func=_run)

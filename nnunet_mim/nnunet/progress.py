@@ -33,17 +33,23 @@ def install_local_logger(trainer, logger) -> None:
         trainer.logger = logger
 
 
+#: per-epoch lists of the downstream probe during pretraining (NaN in epochs without a probe)
+PROBE_KEYS = ("probe_dice", "probe_random_dice")
+
+
 class ComponentLocalLogger(LocalLogger):
-    """nnU-Net's LocalLogger plus ``train_<name>`` / ``val_<name>`` lists for each loss component.
+    """nnU-Net's LocalLogger plus ``train_<name>`` / ``val_<name>`` lists for each loss component and the
+    :data:`PROBE_KEYS` lists.
 
     nnU-Net's own three panels are drawn unchanged (the "pseudo dice" of a pretrainer is a stand-in, see
-    ``trainers/base.py``); a fourth panel shows the components on a log scale.
+    ``trainers/base.py``); a fourth panel shows the components on a log scale, and a fifth the downstream probe's
+    Dice when a probe ran (:mod:`nnunet_mim.nnunet.probe_schedule`).
     """
 
     def __init__(self, components: Sequence[str], verbose: bool = False):
         super().__init__(verbose)
         self.components = tuple(components)
-        for name in self.component_keys():
+        for name in self.component_keys() + list(PROBE_KEYS):
             self.my_fantastic_logging[name] = []
 
     def get_value(self, key: str, step: int | None):
@@ -56,16 +62,22 @@ class ComponentLocalLogger(LocalLogger):
 
     def load_checkpoint(self, checkpoint: dict):
         super().load_checkpoint(checkpoint)
-        for name in self.component_keys():  # checkpoints of older runs may lack a component
-            self.my_fantastic_logging.setdefault(name, [])
+        # checkpoints of older runs may lack a list: NaN for their epochs keeps every list one entry per epoch
+        epochs = len(self.my_fantastic_logging.get("epoch_end_timestamps", []))
+        for name in self.component_keys() + list(PROBE_KEYS):
+            values = self.my_fantastic_logging.setdefault(name, [])
+            values.extend([float("nan")] * (epochs - len(values)))
 
     def plot_progress_png(self, output_folder: str):
         super().plot_progress_png(output_folder)
-        if not self.components:
-            return
         epoch = min(len(v) for v in self.my_fantastic_logging.values())
         if epoch == 0:
             return
+        if self.components:
+            self.plot_components(f"{output_folder}/progress.png", epoch)
+        self.plot_probe(f"{output_folder}/progress.png", epoch)
+
+    def plot_components(self, png_path: str, epoch: int) -> None:
         fig, ax = plt.subplots(1, 1, figsize=(30, 14))
         colors = plt.cm.tab10(np.linspace(0, 1, 10))
         for i, c in enumerate(self.components):
@@ -79,8 +91,27 @@ class ComponentLocalLogger(LocalLogger):
         ax.set_ylabel("loss component (unweighted, log scale)")
         ax.legend(loc="upper right", fontsize=18, ncol=2)
         plt.tight_layout()
-        path = f"{output_folder}/progress.png"
-        _append_below(path, fig)
+        _append_below(png_path, fig)
+        plt.close(fig)
+
+    def plot_probe(self, png_path: str, epoch: int) -> None:
+        """A fifth panel: the probe's validation Dice against the pretraining epoch, the random body's as a line."""
+        pretrained = np.asarray(self.my_fantastic_logging["probe_dice"][:epoch], dtype=float)
+        random = np.asarray(self.my_fantastic_logging["probe_random_dice"][:epoch], dtype=float)
+        done = np.isfinite(pretrained)
+        if not done.any():
+            return
+        fig, ax = plt.subplots(1, 1, figsize=(30, 14))
+        ax.plot(np.flatnonzero(done), pretrained[done], "o-", color="tab:green", lw=4, ms=14,
+                label="probe Dice, pretrained body")
+        if np.isfinite(random).any():
+            ax.axhline(float(np.nanmean(random)), color="tab:gray", ls="--", lw=4, label="probe Dice, random body")
+        ax.set_xlim(0, max(1, epoch - 1))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("downstream probe: validation Dice")
+        ax.legend(loc="lower right", fontsize=18)
+        plt.tight_layout()
+        _append_below(png_path, fig)
         plt.close(fig)
 
 

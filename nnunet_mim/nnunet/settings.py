@@ -39,6 +39,19 @@ def _text(text: str) -> str:
     return text
 
 
+def _probe_part(text: str) -> str:
+    if text not in ("decoder", "heads"):
+        raise ValueError("'decoder' or 'heads'")
+    return text
+
+
+def _epochs_x_iters(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError("EPOCHSxITERS with two positive integers, e.g. 8x25")
+    return int(parts[0]), int(parts[1])
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -84,6 +97,15 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in (
     Setting("nnUNet_mim_seed", "seed of torch, numpy, random, the data-loader workers and augmentation; same seed, "
             "same run on CPU (up to float non-determinism)", "unseeded, like nnU-Net", "our trainers",
             _non_negative_int, resume_relevant=True),
+    Setting("nnUNet_mim_probe_every", "run the downstream probe on the pretraining's weights every N epochs (and at "
+            "the end) and draw its Dice in progress.png", "no probe during pretraining", "our pretrainers",
+            _positive_int),
+    Setting("nnUNet_mim_probe_dataset", "labelled dataset (id or name) the probe during pretraining trains on; it "
+            "needs the pretraining's configuration", "required with nnUNet_mim_probe_every", "our pretrainers"),
+    Setting("nnUNet_mim_probe_part", "what the probe during pretraining trains: `decoder` (encoder frozen) or "
+            "`heads` (encoder and decoder frozen)", "decoder", "our pretrainers", _probe_part),
+    Setting("nnUNet_mim_probe_budget", "length of each probe during pretraining, EPOCHSxITERS", "8x25",
+            "our pretrainers", _epochs_x_iters),
     Setting("nnUNet_mim_tokenizer", "stage-1 visual tokenizer for token MIM: a checkpoint file or fold folder "
             "(`random`: untrained, benchmarks only)", "found by convention (same dataset, plans, configuration)",
             "TokenMIMPretrainer", resume_relevant=True),

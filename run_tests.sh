@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup_venv.sh
 export nnUNet_def_n_proc="${nnUNet_def_n_proc:-1}"
-exec "$VENV/bin/pytest" -q -p no:cacheprovider tests "$@"
+exec "$VENV/bin/pytest" -q -p no:cacheprovider --durations=20 tests "$@"

@@ -57,7 +57,7 @@ def run_probe(p: Pipeline, checkpoint: str, dataset: str, configuration: str, pa
            "budget": {"epochs": epochs, "iters": iters}}
     for arm, weights in (("pretrained", checkpoint), ("random", None)):
         results = Path(random_results) if arm == "random" and random_results else p.root / arm
-        folder = results / name / f"{trainer}__{plans}__{configuration}"
+        folder = p.results_folder(name, trainer, configuration, plans, results=results)
         p.folders["nnUNet_results"] = str(results)
         p.train(dataset, configuration, fold, trainer, folder, weights, **env)
         summary = json.loads((folder / f"fold_{fold}" / "validation" / "summary.json").read_text())

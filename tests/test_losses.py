@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nnunet_mim.core.losses.contrastive import nt_xent
+from nnunet_mim.core.losses.contrastive import nt_xent, nt_xent_chance
 from nnunet_mim.core.losses.hybridmim import consistency_loss, count_loss, location_loss
 from nnunet_mim.core.losses.reconstruction import masked_l1, masked_mse
 
@@ -70,6 +70,16 @@ def test_nt_xent_hand_computed():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
     assert nt_xent(a, b, 0.5).item() == pytest.approx(_reference_nt_xent(a, b, 0.5), rel=1e-5)
+
+
+def test_nt_xent_chance_level_is_the_loss_of_views_that_carry_no_information():
+    g = torch.Generator().manual_seed(2)
+    for n in (2, 3, 5):
+        same = torch.randn(1, 8, generator=g).repeat(n, 1)  # every view of every sample is the same vector
+        assert nt_xent(same, same.clone(), 0.5).item() == pytest.approx(nt_xent_chance(n), rel=1e-6)
+        separated = torch.eye(n, 8)  # each sample its own direction, both views alike: far below chance
+        assert nt_xent(separated, separated.clone(), 0.5).item() < 0.5 * nt_xent_chance(n)
+    assert nt_xent_chance(2) == pytest.approx(math.log(3))
 
 
 def test_nt_xent_refuses_batch_of_one():

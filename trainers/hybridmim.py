@@ -15,7 +15,7 @@ import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_mim.architectures.hybridmim import HybridMIMModel
-from nnunet_mim.core.losses.contrastive import global_batch_size, nt_xent
+from nnunet_mim.core.losses.contrastive import global_batch_size, nt_xent, nt_xent_chance
 from nnunet_mim.core.losses.hybridmim import consistency_loss, count_loss, location_loss
 from nnunet_mim.core.losses.reconstruction import masked_mse
 from nnunet_mim.core.masking import apply_mask, count_and_location_labels, patch_mask_to_voxels, sample_two_level_mask
@@ -26,6 +26,9 @@ from nnunet_mim.trainers.base import MIMPretrainerBase
 
 #: HybridMIM Table 4: which loss terms each ablation keeps (the weights of the full method otherwise)
 FULL_WEIGHTS = {"reconstruction": 1.0, "count": 0.1, "location": 0.1, "consistency": 0.01, "contrastive": 0.1}
+#: a contrastive term still within this fraction of its chance level ln(2N - 1) after the first 10 % of the epochs is
+#: reported as carrying no signal (a learning one falls far below: about 0.04 for separated views at batch 2)
+INERT_CONTRAST_TOLERANCE = 0.01
 ABLATIONS = {
     "recOnly": ("reconstruction",),
     "recCount": ("reconstruction", "count"),
@@ -74,6 +77,23 @@ class HybridMIMPretrainer(MIMPretrainerBase):
     @property
     def uses_contrast(self) -> bool:
         return self.loss_weights["contrastive"] > 0
+
+    _inert_contrast_reported = False
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        if self.uses_contrast and not self._inert_contrast_reported and self.current_epoch >= self.num_epochs // 10:
+            value = self.logger.get_value("train_contrastive", step=-1)
+            chance = nt_xent_chance(global_batch_size(self.batch_size))
+            if abs(value - chance) < INERT_CONTRAST_TOLERANCE * chance:
+                self._inert_contrast_reported = True
+                self.print_to_log_file(
+                    f"WARNING: the contrastive term is at its chance level (ln(2N - 1) = {chance:.4f} for a batch of "
+                    f"{global_batch_size(self.batch_size)}; {value:.4f} at epoch {self.current_epoch}): the "
+                    f"projections of different images are nearly the same vector, so this term carries no signal. "
+                    f"On U-Nets with instance normalisation the global mean of the bottleneck hardly depends on the "
+                    f"image (so in the official HybridMIM U-Net too; documentation/hybridmim.md). Training goes on; "
+                    f"-tr {self.family}_recPerception pretrains without the term.")
 
     def initialize(self):
         super().initialize()

@@ -4,6 +4,8 @@ Used by HybridMIM's dropout (SimCSE-style) contrastive term and by the SimCLR ba
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +15,12 @@ from nnunet_mim.core.distributed import ddp_gradient_scale, gather_with_local_gr
 def global_batch_size(local_batch_size: int) -> int:
     """Number of samples that take part in the loss across all ranks (per-rank sizes may differ)."""
     return global_count(local_batch_size)
+
+
+def nt_xent_chance(n_samples: int) -> float:
+    """NT-Xent's value when the views carry no information: all 2N similarities equal, so each anchor spreads its
+    probability evenly over its 2N - 1 candidates and the loss is ``ln(2N - 1)`` (ln 3 for a batch of 2)."""
+    return math.log(2 * n_samples - 1)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:

@@ -106,10 +106,10 @@ class ComponentLocalLogger(LocalLogger):
                 label="probe Dice, pretrained body")
         if np.isfinite(random).any():
             ax.axhline(float(np.nanmean(random)), color="tab:gray", ls="--", lw=4, label="probe Dice, random body")
-        ax.set_xlim(0, max(1, epoch - 1))
+        ax.set_xlim(0, max(1, epoch))  # a point at the last epoch stays inside the frame
         ax.set_xlabel("epoch")
         ax.set_ylabel("downstream probe: validation Dice")
-        ax.legend(loc="lower right", fontsize=18)
+        ax.legend(loc="best", fontsize=18)  # the curve may end low or high
         plt.tight_layout()
         _append_below(png_path, fig)
         plt.close(fig)

@@ -84,12 +84,13 @@ class HybridMIMPretrainer(MIMPretrainerBase):
         super().on_train_epoch_end(train_outputs)
         if self.uses_contrast and not self._inert_contrast_reported and self.current_epoch >= self.num_epochs // 10:
             value = self.logger.get_value("train_contrastive", step=-1)
-            chance = nt_xent_chance(global_batch_size(self.batch_size))
+            samples = global_batch_size(self.batch_size)  # a collective under DDP: once
+            chance = nt_xent_chance(samples)
             if abs(value - chance) < INERT_CONTRAST_TOLERANCE * chance:
                 self._inert_contrast_reported = True
                 self.print_to_log_file(
                     f"WARNING: the contrastive term is at its chance level (ln(2N - 1) = {chance:.4f} for a batch of "
-                    f"{global_batch_size(self.batch_size)}; {value:.4f} at epoch {self.current_epoch}): the "
+                    f"{samples}; {value:.4f} at epoch {self.current_epoch}): the "
                     f"projections of different images are nearly the same vector, so this term carries no signal. "
                     f"On U-Nets with instance normalisation the global mean of the bottleneck hardly depends on the "
                     f"image (so in the official HybridMIM U-Net too; documentation/hybridmim.md). Training goes on; "

@@ -103,22 +103,40 @@ def test_rerun_resumes_finished_and_interrupted_runs(study):
 
 
 def test_records_made_with_other_weights_are_set_aside(tmp_path):
+    import torch
+
     from nnunet_mim.apps.study import Arm, Budget, Study, file_digest
+    from nnunet_mim.nnunet.weights import weights_digest
+
+    def checkpoint(path, weight, started):
+        torch.save({"network_weights": {"conv.weight": torch.full((2, 2), weight)}, "logging": {"start": [started]}},
+                   path)
+        return path
 
     said = []
-    weights = tmp_path / "checkpoint_final.pth"
-    weights.write_bytes(b"pretraining redone")
+    first = checkpoint(tmp_path / "first.pth", 1.0, 100.0)
+    same_model = checkpoint(tmp_path / "same_model.pth", 1.0, 200.0)  # pretraining redone: other timestamps
+    other_model = checkpoint(tmp_path / "other_model.pth", 1.5, 100.0)
+    assert file_digest(first) != file_digest(same_model)
     study = Study(1, "3d_x", [], [0.2], [0], Budget(1, 1, 1), tmp_path / "out",
                   pipeline=type("P", (), {"say": staticmethod(said.append)})(), command="")
     study.runs_dir.mkdir(parents=True)
-    arm = Arm("pretrained", "T", str(weights))
-    (study.runs_dir / "pretrained__f020__s0.json").write_text(json.dumps({"weights_sha256": "0123456789abcdef"}))
-    (study.runs_dir / "pretrained__f020__s1.json").write_text(json.dumps({"weights_sha256": file_digest(weights)}))
-    (study.runs_dir / "scratch__f020__s0.json").write_text(json.dumps({"weights_sha256": None}))
-    study.set_aside_stale_records(arm)
-    assert sorted(p.name for p in study.runs_dir.glob("*.json")) == ["pretrained__f020__s1.json",
-                                                                     "scratch__f020__s0.json"]
-    assert (study.runs_dir / "stale" / "pretrained__f020__s0.json").exists() and "other weights" in said[0]
+    records = {
+        "pretrained__f020__s0.json": {"weights_sha256": "0123456789abcdef"},  # older record, another file
+        "pretrained__f020__s1.json": {"weights_sha256": file_digest(same_model)},  # older record, this very file
+        "pretrained__f020__s2.json": {"weights_sha256": file_digest(first), "weights_digest": weights_digest(first)},
+        "pretrained__f060__s0.json": {"weights_sha256": file_digest(other_model),
+                                      "weights_digest": weights_digest(other_model)},
+        "scratch__f020__s0.json": {"weights_sha256": None, "weights_digest": None},
+    }
+    for name, record in records.items():
+        (study.runs_dir / name).write_text(json.dumps(record))
+    study.set_aside_stale_records(Arm("pretrained", "T", str(same_model)))
+    assert sorted(p.name for p in study.runs_dir.glob("*.json")) == [
+        "pretrained__f020__s1.json", "pretrained__f020__s2.json", "scratch__f020__s0.json"]
+    assert sorted(p.name for p in (study.runs_dir / "stale").glob("*.json")) == [
+        "pretrained__f020__s0.json", "pretrained__f060__s0.json"]
+    assert len(said) == 2 and all("other weights" in s for s in said)
 
 
 def test_a_pretraining_keeps_its_budget_under_its_arm_name(tmp_path):

@@ -8,7 +8,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
 from nnunet_mim.nnunet.weights import (compare_state_dicts, format_report, load_checkpoint, load_pretrained_weights_safely,
-                                state_dict_of)
+                                state_dict_of, weights_digest)
 
 
 def _net(in_ch=1, classes=3, features=(8, 16, 32)):
@@ -27,6 +27,29 @@ def test_nnunet_checkpoint_loads_with_weights_only(tmp_path):
     _nnunet_like_checkpoint(_net(classes=1), tmp_path / "c.pth")
     ck = load_checkpoint(str(tmp_path / "c.pth"))
     assert ck["trainer_name"] == "HybridMIMPretrainer" and "mim_heads.count.weight" in state_dict_of(ck)
+
+
+def test_weights_digest_is_the_model_not_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    network = _net(classes=1)
+    _nnunet_like_checkpoint(network, tmp_path / "a.pth")
+    state = network.state_dict()
+    torch.save({"network_weights": {**dict(reversed(list(state.items()))), "mim_heads.count.weight": torch.zeros(9, 32)},
+                "logging": {"train_losses": [np.float64(0.7)]}, "current_epoch": 9}, tmp_path / "b.pth")
+    assert (tmp_path / "a.pth").read_bytes() != (tmp_path / "b.pth").read_bytes()
+    assert weights_digest(tmp_path / "a.pth") == weights_digest(tmp_path / "b.pth")  # other logs, other order
+    save_file({**{k: v.clone() for k, v in state.items()}, "mim_heads.count.weight": torch.zeros(9, 32)},
+              str(tmp_path / "c.safetensors"))
+    assert weights_digest(tmp_path / "c.safetensors") == weights_digest(tmp_path / "a.pth")
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    changed = {**state, key: state[key].clone()}
+    changed[key].view(-1)[0] += 1e-6  # one value, barely
+    torch.save({"network_weights": {**changed, "mim_heads.count.weight": torch.zeros(9, 32)}}, tmp_path / "d.pth")
+    assert weights_digest(tmp_path / "d.pth") != weights_digest(tmp_path / "a.pth")
+    torch.save({"network_weights": {**state, "mim_heads.count.weight": torch.zeros(9, 32, dtype=torch.float64)}},
+               tmp_path / "e.pth")  # same values, another dtype: another model file
+    assert weights_digest(tmp_path / "e.pth") != weights_digest(tmp_path / "a.pth")
 
 
 def test_arbitrary_pickles_are_refused(tmp_path):

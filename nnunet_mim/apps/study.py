@@ -217,7 +217,7 @@ class Study:
         predictions = self.p.predict(self.dataset, name, self.configuration, fold, arm.trainer,
                                      self.p.root / "predictions" / arm.name / f"{arm.trainer}_fold{fold}", **own)
         from nnunet_mim.apps.evaluation import evaluate_folders
-        from nnunet_mim.nnunet.weights import load_checkpoint
+        from nnunet_mim.nnunet.weights import load_checkpoint, weights_digest
 
         labels = json.loads((self.p.raw / name / "dataset.json").read_text())["labels"]
         evaluation, _ = evaluate_folders(predictions, self.p.raw / name / "labelsTs", labels,
@@ -227,6 +227,7 @@ class Study:
         record = {
             "arm": arm.name, "trainer": arm.trainer, "weights": arm.weights,
             "weights_sha256": file_digest(arm.weights) if arm.weights else None,
+            "weights_digest": weights_digest(arm.weights) if arm.weights else None,
             "fraction": fraction, "seed": seed, "fold": fold, "n_train": len(train), "train_cases": train,
             "budget": asdict(self.budget), "configuration": self.configuration, "dataset": name,
             "commands": [train_cmd, f"nnUNetv2_predict -i imagesTs -o {predictions.name} -d {self.dataset} -c "
@@ -288,16 +289,24 @@ class Study:
                                  "give this study its own -o")
 
     def set_aside_stale_records(self, arm: Arm) -> None:
-        """Records of ``arm`` made with other weights than its checkpoint now (e.g. pretraining redone in a new
-        sitting) would mix two models in one arm: they move to ``runs/stale/`` and their runs are redone."""
+        """Records of ``arm`` made with another model than its checkpoint now (e.g. a pretraining redone with other
+        settings) would mix two models in one arm: they move to ``runs/stale/`` and their runs are redone. The model
+        is recognised by its network weights (``weights_digest``), not by the file: a pretraining redone with the
+        same seed gives the same weights in a new file (other timestamps), and its records stay. Records older than
+        ``weights_digest`` are matched by the file's digest (``weights_sha256``)."""
         if not arm.weights:
             return
-        digest = file_digest(arm.weights)
+        from nnunet_mim.nnunet.weights import weights_digest
+
+        digest, file = weights_digest(arm.weights), file_digest(arm.weights)
         for path in sorted(self.runs_dir.glob(f"{arm.name}__*.json")):
-            made_with = json.loads(path.read_text()).get("weights_sha256")
-            if made_with != digest:
+            record = json.loads(path.read_text())
+            same = (record["weights_digest"] == digest if record.get("weights_digest")
+                    else record.get("weights_sha256") == file)
+            if not same:
                 (self.runs_dir / "stale").mkdir(exist_ok=True)
                 path.replace(self.runs_dir / "stale" / path.name)
+                made_with = record.get("weights_digest") or f"file {record.get('weights_sha256')}"
                 self.p.say(f"WARNING: {path.name} was made with other weights ({made_with}, now {digest}): moved to "
                            f"runs/stale/; the run is redone with the current checkpoint")
 

@@ -7,6 +7,7 @@ reconstruction helpers are allow-listed.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -130,6 +131,20 @@ def state_dict_of(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     if not state:
         raise ValueError("The checkpoint holds no tensors: is it a network checkpoint?")
     return strip_outer_prefix(state)
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """16 hex digits of SHA-256 over the network weights of a checkpoint (names, dtypes, shapes and values, in name
+    order): the identity of the *model*. Two files with the same weights have the same digest although nnU-Net
+    checkpoints also hold timestamps and optimizer state, so a pretraining redone with the same seed, or a checkpoint
+    re-saved, is recognised as the same model."""
+    h = hashlib.sha256()
+    state = state_dict_of(load_checkpoint(path))
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{state[name].dtype}|{tuple(state[name].shape)}|".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def strip_outer_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -71,6 +71,14 @@ def test_every_arm_of_a_cell_shares_fold_seed_and_budget(study):
     assert records[0]["curve"] != next(r for r in records if r["arm"] == records[0]["arm"] and r["seed"] != records[0]["seed"])["curve"]
     r = records[0]
     assert len(r["curve"]["ema_pseudo_dice"]) == 2 and r["validation_dice"] is not None
+    # what made the run: the model (by its weights) and the software
+    from importlib import metadata
+
+    from nnunet_mim.nnunet.weights import weights_digest
+
+    mim = next(r for r in records if r["arm"] == "mim")
+    assert mim["weights_digest"] == weights_digest(mim["weights"])
+    assert mim["environment"]["packages"]["nnunetv2"] == metadata.version("nnunetv2")
     assert set(r["test"]["per_case"]) and 0 <= r["test"]["overall"]["dice"] <= 1
 
 
@@ -81,6 +89,9 @@ def test_report_has_the_paired_effect_with_its_interval_and_plots(study):
     row = next(line for line in report.splitlines() if line.startswith("| 50% | mim |"))
     assert row.count("[") >= 1 and "| 2 |" in row  # effect [CI], 2 seeds
     assert "Paper targets" in report and "nnUNet_mim_seed=0" in report
+    from importlib import metadata
+
+    assert f"software of the runs: torch {metadata.version('torch')}" in report
     for png in ("study_dice_vs_labels.png", "study_convergence.png"):
         assert (out / "report" / png).stat().st_size > 5_000
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -34,6 +33,8 @@ from typing import Callable
 
 import numpy as np
 import torch
+
+from nnunet_mim.apps.provenance import machine_description
 
 
 @dataclass(frozen=True)
@@ -290,15 +291,6 @@ def profile_scopes(cases: list[Case], built: dict, steps: int = 3) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------- reporting
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        hw = torch.cuda.get_device_name(device)
-    else:
-        hw = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                  platform.processor()) + f", {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    return f"{hw}; torch {torch.__version__}; Python {platform.python_version()}"
-
-
 def render(suite_name: str, suite: Suite, times: dict, memory: dict, cuda_peak: dict, command: str,
            device: torch.device, describe: str, scopes: dict | None = None) -> str:
     medians = {k: statistics.median(v) for k, v in times.items()}

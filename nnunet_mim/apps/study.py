@@ -217,6 +217,7 @@ class Study:
         predictions = self.p.predict(self.dataset, name, self.configuration, fold, arm.trainer,
                                      self.p.root / "predictions" / arm.name / f"{arm.trainer}_fold{fold}", **own)
         from nnunet_mim.apps.evaluation import evaluate_folders
+        from nnunet_mim.apps.provenance import environment
         from nnunet_mim.nnunet.weights import load_checkpoint, weights_digest
 
         labels = json.loads((self.p.raw / name / "dataset.json").read_text())["labels"]
@@ -234,6 +235,7 @@ class Study:
                                     f"{self.configuration} -f {fold} -tr {arm.trainer}",
                          f"nnunet_mim evaluate -pred {predictions.name} -ref labelsTs"],
             "wall_s": round(time.time() - t0),
+            "environment": environment(),
             "test": {"overall": evaluation["overall"], "per_class": evaluation["per_class"],
                      "per_case": evaluation["per_case"]},
             "validation_dice": (json.loads(validation.read_text())["foreground_mean"]["Dice"]
@@ -391,7 +393,8 @@ def render_report(records: list[dict], command: str, output: Path) -> str:
               f"- finished runs: {len(records)}; total wall time {_minutes(sum(r['wall_s'] for r in records))}",
               f"- test metrics: mean over classes per test case, then over cases; effect = pretrained - scratch, "
               f"paired by seed and case (Dice: positive = pretrained better; HD95, ASSD: negative = pretrained "
-              f"better); interval: {CI_METHOD}", ""]
+              f"better); interval: {CI_METHOD}",
+              f"- software of the runs: {_software(records)}", ""]
     head = ("| labels | arm | seeds | test Dice (mean ± sd over seeds) | Dice effect, points [95 % CI] | "
             "HD95 effect, mm [95 % CI] | ASSD effect, mm [95 % CI] | validation Dice | iterations to 90 % | "
             "wall time per run |")
@@ -529,10 +532,27 @@ def _save(fig, path: Path) -> None:
         plt.close(fig)
 
 
+def _software(records: list[dict]) -> str:
+    """The package versions and code revisions the records were made with; runs made with different sets are
+    listed per set (a seeded run repeats bit for bit only with the same set)."""
+    sets: dict[str, int] = {}
+    for r in records:
+        env = r.get("environment")
+        if env is None:
+            key = "not recorded (runs written before records held it)"
+        else:
+            packages = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v != "not installed")
+            key = f"{packages}; Python {env['python']}; nnunet_mim {env.get('nnunet_mim_revision') or 'installed copy'}"
+        sets[key] = sets.get(key, 0) + 1
+    if len(sets) == 1:
+        return next(iter(sets))
+    return "; ".join(f"({n} runs) {k}" for k, n in sets.items())
+
+
 def _machine() -> str:
     import torch
 
-    from nnunet_mim.apps.benchmark import machine_description
+    from nnunet_mim.apps.provenance import machine_description
 
     return machine_description(torch.device("cpu"))
 

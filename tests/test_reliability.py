@@ -123,3 +123,35 @@ def test_ext_trainer_pointing_at_the_source_folder_names_the_fix(tmp_path):
             "f('HybridMIMPretrainer')")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0 and "export nnUNet_extTrainer=$(nnunet_mim ext-path)" in proc.stderr
+
+
+def test_a_continued_run_draws_new_random_numbers_not_a_replay():
+    """``--c`` at epoch k: initialize() has seeded the process as for a fresh run; the continuation must not replay
+    the first epochs' masks, crops and augmentations, and the same continuation must repeat."""
+    import torch
+
+    from nnunet_mim.nnunet.seeding import derived_seed, seed_everything
+
+    class NnUNetStart:  # stands for nnUNetTrainer.on_train_start: builds the loaders, draws
+        def on_train_start(self):
+            self.draws = torch.rand(4)
+            self.worker_seed = self.stream_seed()
+
+    class Trainer(BudgetFromEnvironment, NnUNetStart):
+        seed, local_rank = 3, 0
+
+        def print_to_log_file(self, *args):
+            pass
+
+    def start(epoch):
+        trainer = Trainer()
+        trainer.current_epoch = epoch
+        seed_everything(derived_seed(trainer.seed, trainer.local_rank))  # what initialize() does, fresh or --c
+        trainer.on_train_start()
+        return trainer
+
+    fresh, continued, again, later = start(0), start(5), start(5), start(6)
+    assert not torch.equal(fresh.draws, continued.draws) and fresh.worker_seed != continued.worker_seed
+    assert torch.equal(continued.draws, again.draws) and continued.worker_seed == again.worker_seed
+    assert not torch.equal(continued.draws, later.draws) and continued.worker_seed != later.worker_seed
+    assert fresh.worker_seed == 3  # a run from epoch 0 is seeded as before

@@ -70,10 +70,25 @@ class BudgetFromEnvironment:
         logger = local_logger(self)
         logger.plot_progress_png = never_fail(logger.plot_progress_png, "progress.png", self.print_to_log_file)
 
+    def stream_seed(self) -> int:
+        """The seed of this session's random streams. A run from epoch 0 uses the run's seed. A run continued with
+        ``--c`` at epoch k uses a seed derived from (seed, k): re-seeding with the run's own seed would replay the
+        masks, crops and augmentations of the first epochs after k. The same seed and k give the same continuation
+        (it is not bit-identical to an uninterrupted run, whose streams were not cut at k)."""
+        return self.seed if self.current_epoch == 0 else derived_seed(self.seed, self.current_epoch)
+
+    def on_train_start(self):
+        # after --c has restored current_epoch, before the data loaders start
+        if self.seed is not None and self.current_epoch > 0:
+            seed_everything(derived_seed(self.stream_seed(), self.local_rank))
+            self.print_to_log_file(f"continued at epoch {self.current_epoch}: random streams re-seeded from seed "
+                                   f"{self.seed} and this epoch (no replay of the first epochs' draws)")
+        super().on_train_start()
+
     def get_dataloaders(self):
         if self.seed is None:
             return super().get_dataloaders()
-        with seeded_augmenters(nnunet_trainer_module, self.seed, self.local_rank):
+        with seeded_augmenters(nnunet_trainer_module, self.stream_seed(), self.local_rank):
             return super().get_dataloaders()
 
     def save_checkpoint(self, filename: str) -> None:

@@ -17,7 +17,8 @@ Design (documentation/results.md shows it on the embedded data):
   validation set of every cell. Each subset is a fold appended to ``splits_final.json`` (folds 0-4 stay nnU-Net's);
   an identical split already there is reused, so reruns and other studies find the same fold.
 - **Outputs.** Every finished run is a JSON record in ``<output>/runs/`` (test metrics per case and class, the
-  validation Dice, the per-epoch validation curve, wall time, the exact commands); nnU-Net's results and the
+  validation Dice, the per-epoch validation curve, wall time, the exact commands, the digest of the pretrained
+  network's weights, the package versions and nnunet_mim's revision); nnU-Net's results and the
   predictions go to ``--workdir`` (default ``<output>/work``), one ``nnUNet_results`` per arm
   (``study_results/<arm>``) and per pretraining (``study_results/<arm>.pretraining``, which keeps its budget and
   refuses another one under the same arm name). Rerunning the same command skips finished runs and

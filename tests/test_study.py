@@ -170,3 +170,28 @@ def test_an_output_folder_holds_one_dataset_and_configuration(tmp_path):
     with pytest.raises(SystemExit, match="its own -o"):  # scratch__f020__s0 would otherwise count as done
         study.check_records_are_ours("Dataset1_X")
     Study(1, "3d_small", [], [0.2], [0], Budget(1, 1, 1), tmp_path / "out", None, "").check_records_are_ours("Dataset1_X")
+
+
+def _record(arm, fraction, seed, dice_per_case):
+    return {"arm": arm, "fraction": fraction, "seed": seed,
+            "test": {"per_case": {f"t{i}": {"1": {"dice": d}} for i, d in enumerate(dice_per_case)}}}
+
+
+def test_the_60_vs_100_target_is_a_paired_interval_and_needs_three_seeds():
+    from nnunet_mim.apps.study import _targets
+
+    cases = [0.70, 0.72, 0.74, 0.76]
+    scratch = [_record("scratch", 1.0, s, [c + 0.01 * s for c in cases]) for s in range(3)]
+    # pretrained at 60 %: 1 point above scratch-at-100 % of the same seed on every case, but scratch at 60 % (same
+    # seed) is far below: the target compares with scratch at 100 %, not at 60 %
+    ahead = [_record("mim", 0.6, s, [c + 0.01 * s + 0.01 for c in cases]) for s in range(3)]
+    low_scratch = [_record("scratch", 0.6, s, [0.1] * 4) for s in range(3)]
+    lines = _targets({}, [0.6, 1.0], ["scratch", "mim"], scratch + ahead + low_scratch)
+    line = next(x for x in lines if x.startswith("- `mim` with 60 %"))
+    assert "+1.0 points [+1.0, +1.0] over 3 seed(s) and 4 test cases" in line and "target **met**" in line
+    behind = [_record("mim", 0.6, s, [c + 0.01 * s - 0.02 for c in cases]) for s in range(3)]
+    line = next(x for x in _targets({}, [0.6, 1.0], ["scratch", "mim"], scratch + behind)
+                if x.startswith("- `mim`"))
+    assert "-2.0 points" in line and "target **not met**" in line
+    one_seed = _targets({}, [0.6, 1.0], ["scratch", "mim"], scratch + ahead[:1])
+    assert any("over 1 seed(s)" in x and "preliminary, on track" in x for x in one_seed)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,19 +21,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from batchgenerators.utilities.file_and_folder_operations import join, load_json
-    from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+    from nnunet_mim.nnunet.networks import initialized_trainer
     from nnunet_mim.trainers.hybridmim import HybridMIMPretrainer
 
     name = maybe_convert_to_dataset_name(args.dataset)
-    folder = join(nnUNet_preprocessed, name)
-    plans = {**load_json(join(folder, "nnUNetPlans.json")), "continue_training": False}  # as nnUNetv2_train passes
-    trainer = HybridMIMPretrainer(plans, args.configuration, "all",
-                                  load_json(join(folder, "dataset.json")), torch.device("cpu"))
-    trainer.seed = args.seed
-    trainer.initialize()
+    trainer = initialized_trainer(HybridMIMPretrainer, name, args.configuration, seed=args.seed)
     grid = trainer.mim_model.grid
     loader, _ = trainer.get_dataloaders()
     zero, total = 0, 0

@@ -1,4 +1,5 @@
-"""The network that ``nnUNetv2_train`` would build for a dataset, configuration and trainer."""
+"""The network (or the initialised trainer) that ``nnUNetv2_train`` would build for a dataset, configuration and
+trainer."""
 from __future__ import annotations
 
 
@@ -19,6 +20,25 @@ def build_network_for(dataset: str, configuration: str, plans_identifier: str = 
         find_trainer_class(trainer), plans_manager, configuration_manager,
         determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, False)
+
+
+def initialized_trainer(trainer_class: type, dataset: str | int, configuration: str, fold: str | int = "all",
+                        plans_identifier: str = "nnUNetPlans", seed: int | None = None):
+    """An initialised ``trainer_class`` on the CPU, constructed as ``nnUNetv2_train`` constructs it (the plans with
+    ``continue_training`` False, the dataset's ``dataset.json``), seeded like ``nnUNet_mim_seed`` when ``seed`` is
+    given: for measurements that draw batches or run the network outside a training."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+
+    from nnunet_mim.nnunet.plans import dataset_folder, plans_path
+
+    plans = {**load_json(plans_path(dataset, plans_identifier)), "continue_training": False}
+    trainer = trainer_class(plans, configuration, fold, load_json(join(dataset_folder(dataset), "dataset.json")),
+                            torch.device("cpu"))
+    if seed is not None:
+        trainer.seed = seed
+    trainer.initialize()
+    return trainer
 
 
 def require_network(plans_manager, configuration_manager, network_class: type, trainer: str,

@@ -420,7 +420,7 @@ def render_report(records: list[dict], command: str, output: Path) -> str:
             conv_text = ("—" if a == SCRATCH else
                          f"{np.mean([p for p, _ in reached]):.0f} vs {np.mean([s for _, s in reached]):.0f} scratch"
                          f" ({np.mean([s / p for p, s in reached]):.2f}x)" if reached else "not reached")
-            summary[(f, a)] = {"dice": float(np.mean(dice)), "effect": effects.get("dice"), "n": len(rs)}
+            summary[(f, a)] = effects.get("dice")
             lines.append(f"| {f:.0%} | {a} | {len(rs)} | {np.mean(dice):.3f} ± {np.std(dice):.3f} | "
                          f"{_fmt_effect(effects.get('dice'), 100, 1) if a != SCRATCH else '—'} | "
                          f"{_fmt_effect(effects.get('hd95'), 1, 2) if a != SCRATCH else '—'} | "
@@ -459,7 +459,7 @@ def _targets(summary: dict, fractions: list[float], arms: list[str], records: li
     for a in arms:
         if a == SCRATCH:
             continue
-        e = summary.get((low, a), {}).get("effect")
+        e = summary.get((low, a))
         if e is not None and np.isfinite(e.effect):
             met = 100 * e.effect >= PAPER_GAIN_POINTS and e.low > 0
             verdict = (f"target **{'met' if met else 'not met'}**" if e.n_seeds >= MIN_SEEDS_FOR_VERDICT else

@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup_venv.sh
 export nnUNet_def_n_proc="${nnUNet_def_n_proc:-1}"
-exec "$VENV/bin/pytest" -q -p no:cacheprovider --durations=20 tests "$@"
+# One pytest-xdist worker per core (at most 4); a test file stays on one worker, so its module fixtures are built once.
+# `-n 0` runs everything in this process (for a debugger).
+exec "$VENV/bin/pytest" -q -p no:cacheprovider --durations=20 -n auto --maxprocesses 4 --dist loadfile tests "$@"

@@ -48,7 +48,7 @@ setup(
         "timm>=1.0.22,<1.1",
         "threadpoolctl>=3.8",  # one thread per data-augmentation worker of seeded runs (nnunet_mim/nnunet/seeding.py)
     ],
-    extras_require={"test": ["pytest>=7"], "data": ["nilearn>=0.10"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3.8"], "data": ["nilearn>=0.10"]},
     package_data={"nnunet_mim": ["ext_trainers/*.py"]},
     entry_points={"console_scripts": ["nnunet_mim=nnunet_mim.apps.cli:main"]},
 )

@@ -1,9 +1,12 @@
 """Fixtures (the tiny nnU-Net workspaces) and the test tiers. Shared helpers and constants are in helpers.py."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from helpers import TINY_CONFIG, TINY_ID, TINY_SAC_ARCH, TINY_SAC_CONFIG, Workspace, make_workspace
+from helpers import (TINY_CONFIG, TINY_ID, TINY_SAC_ARCH, TINY_SAC_CONFIG, Workspace, make_workspace,
+                     threads_per_test_process)
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +39,12 @@ E2E_MODULES = {"test_demo"}
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: end to end through the real console scripts on tiny data (slow)")
+    if "PYTEST_XDIST_WORKER" in os.environ:  # a worker of `pytest -n N` (run_tests.sh): its share of the cores
+        threads = threads_per_test_process()
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # for every process it starts
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(items):

@@ -48,6 +48,13 @@ class Workspace:
                                 stderr=subprocess.DEVNULL, text=True, start_new_session=True, cwd=self.root)
 
 
+def threads_per_test_process() -> int:
+    """CPU threads for each test process: run_tests.sh runs one pytest-xdist worker per core, and every worker (and the
+    console scripts it starts) gets its share of the cores, so that workers do not oversubscribe them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
 def make_workspace(root: Path) -> Workspace:
     ws = Workspace(root)
     for p in (ws.raw, ws.preprocessed, ws.results):
@@ -55,7 +62,7 @@ def make_workspace(root: Path) -> Workspace:
     ext = subprocess.run([str(BIN / "nnunet_mim"), "ext-path"], capture_output=True, text=True, check=True)
     ws.env = {**os.environ, "nnUNet_raw": str(ws.raw), "nnUNet_preprocessed": str(ws.preprocessed),
               "nnUNet_results": str(ws.results), "nnUNet_extTrainer": ext.stdout.strip(),
-              "nnUNet_def_n_proc": "1", "nnUNet_compile": "false", "OMP_NUM_THREADS": "2",
+              "nnUNet_def_n_proc": "1", "nnUNet_compile": "false", "OMP_NUM_THREADS": str(threads_per_test_process()),
               "MPLBACKEND": "agg", "PYTHONWARNINGS": "ignore"}
     ws.env.pop("nnUNet_n_proc_DA", None)
     return ws

@@ -452,6 +452,14 @@ def render_report(records: list[dict], command: str, output: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _verdict(met: bool, n_seeds: int) -> str:
+    """A paper target is called met or not met only from MIN_SEEDS_FOR_VERDICT seeds on; with fewer, on track or not."""
+    if n_seeds >= MIN_SEEDS_FOR_VERDICT:
+        return f"target **{'met' if met else 'not met'}**"
+    return (f"preliminary, {'on track' if met else 'not on track'} (the protocol asks for {MIN_SEEDS_FOR_VERDICT} "
+            "seeds)")
+
+
 def _targets(summary: dict, fractions: list[float], arms: list[str], records: list[dict]) -> list[str]:
     out = ["Paper targets (HybridMIM, PUMIT): pretrained >= scratch + 3 Dice points at the lowest label fraction, "
            "with a confidence interval that excludes 0; pretrained with 60 % of the labels >= scratch with 100 %."]
@@ -461,22 +469,15 @@ def _targets(summary: dict, fractions: list[float], arms: list[str], records: li
             continue
         e = summary.get((low, a))
         if e is not None and np.isfinite(e.effect):
-            met = 100 * e.effect >= PAPER_GAIN_POINTS and e.low > 0
-            verdict = (f"target **{'met' if met else 'not met'}**" if e.n_seeds >= MIN_SEEDS_FOR_VERDICT else
-                       f"preliminary, {'on track' if met else 'not on track'} (the protocol asks for "
-                       f"{MIN_SEEDS_FOR_VERDICT} seeds)")
+            verdict = _verdict(100 * e.effect >= PAPER_GAIN_POINTS and e.low > 0, e.n_seeds)
             out.append(f"- `{a}` at {low:.0%} labels: {100 * e.effect:+.1f} points [{100 * e.low:+.1f}, "
                        f"{100 * e.high:+.1f}] over {e.n_seeds} seed(s) and {e.n_cases} test cases: {verdict}.")
         x, y, seeds = paired_tables(records, a, 0.6, "dice", scratch_fraction=1.0)
         if seeds:
             e = paired_effect(x, y)
-            met = e.effect >= 0
-            verdict = (f"target **{'met' if met else 'not met'}**" if len(seeds) >= MIN_SEEDS_FOR_VERDICT else
-                       f"preliminary, {'on track' if met else 'not on track'} (the protocol asks for "
-                       f"{MIN_SEEDS_FOR_VERDICT} seeds)")
             out.append(f"- `{a}` with 60 % of the labels minus scratch with 100 %: {100 * e.effect:+.1f} points "
-                       f"[{100 * e.low:+.1f}, {100 * e.high:+.1f}] over {len(seeds)} seed(s) and {e.n_cases} test "
-                       f"cases (paired by seed and case): {verdict}.")
+                       f"[{100 * e.low:+.1f}, {100 * e.high:+.1f}] over {e.n_seeds} seed(s) and {e.n_cases} test "
+                       f"cases (paired by seed and case): {_verdict(e.effect >= 0, e.n_seeds)}.")
     return out
 
 

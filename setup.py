@@ -29,8 +29,8 @@ setup(
     },
     install_requires=[
         # Floors are the versions CI tests (README, "Set-up"; the exact versions are in constraints.txt): older ones
-        # may work but are untested, so they are not declared. nnunetv2 2.6 and 2.7 are tested end to end in their own environments
-        # (documentation/nnunet_versions.md); everything else at the versions below.
+        # may work but are untested, so they are not declared. nnunetv2 2.6 and 2.7 are tested end to end in their
+        # own environments (documentation/nnunet_versions.md); everything else at the versions below.
         "torch>=2.14",  # also needs torch.serialization.safe_globals (>= 2.5) for weights_only loading
         "nnunetv2>=2.6,<2.9",  # 2.6 / 2.7: `nnunet_mim register-trainers`; 2.8: nnUNet_extTrainer
         "dynamic-network-architectures>=0.4.4",  # Primus and the weight-key attributes

@@ -11,4 +11,5 @@ CONSTRAINTS="$(dirname "${BASH_SOURCE[0]}")/../constraints.txt"
 # An editable install of this checkout: Python imports the working tree (trainers/ and architectures/ as
 # nnunet_mim.trainers and nnunet_mim.architectures, from any folder), so tests and the demo run the code you see.
 # Users install the same package with a plain `pip install .`. Then the extras (pytest, nilearn).
-"$VENV/bin/pip" install -q -c "$CONSTRAINTS" --no-deps -e . && "$VENV/bin/pip" install -q -c "$CONSTRAINTS" -e ".[test,data]"
+"$VENV/bin/pip" install -q -c "$CONSTRAINTS" --no-deps -e . \
+    && "$VENV/bin/pip" install -q -c "$CONSTRAINTS" -e ".[test,data]"
